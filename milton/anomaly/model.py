@@ -1,0 +1,258 @@
+"""The rare-process detector: a per-host familiarity profile plus an IsolationForest.
+
+The profile counts, over the training window, how often each (host, process) was seen, in how
+many distinct hours, since when, under which users and executables and at which hours of day.
+Each observation becomes a feature vector of those counts plus its own resources, so a process
+this host has never (or hardly ever) run is isolated quickly, and one that became routine is not.
+
+On disk: ``forest.skops`` (skops, loaded with an explicit trusted-type list: no pickle code
+execution), ``profile.json`` and ``meta.json``; the artifact manifest's sha256 sums are checked
+before anything is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.ensemble import IsolationForest
+
+from milton.core.artifacts import ArtifactStore, Version
+from milton.core.errors import ArtifactError
+
+KIND = "anomaly"
+FEATURES = (
+    "log_snapshots",   # log1p(snapshots in the window that contained this exact process)
+    "log_hours",       # log1p(distinct hours it was seen in)
+    "presence",        # fraction of this host's snapshots that contained it
+    "log_gap_h",       # log1p(hours since it was last seen before; the window if never)
+    "hour_share",      # log1p(24 * share of the name's sightings at this hour of day): 0 = never
+    "log_rss_mb",
+    "log_cpu",
+)
+# A process's identity is (host, name, user, exe): sshd from /dev/shm, or bash as root on a
+# box where only alice runs bash, is a process this host has never seen.
+# Types skops may instantiate when loading forest.skops; anything else is refused.
+TRUSTED_TYPES = [
+    "sklearn.ensemble._iforest.IsolationForest",
+    "sklearn.tree._classes.ExtraTreeRegressor",
+    "sklearn.tree._tree.Tree",
+    "numpy.random.mtrand.RandomState",
+    "numpy.random._mt19937.MT19937",
+    "collections.OrderedDict",
+]
+MODEL_FILE, PROFILE_FILE, META_FILE = "forest.skops", "profile.json", "meta.json"
+
+# Row columns used for scoring (a subset of milton.ingest.processes.COLUMNS, by name).
+ROW_FIELDS = ("host", "name", "username", "exe", "ts", "cpu", "rss")
+
+
+Identity = tuple[str, str, str, str]  # host, name, user ('' if unknown), exe ('' if unknown)
+
+
+@dataclass
+class Profile:
+    """Counts over the training window, keyed for O(1) lookups while scoring."""
+
+    window_start: float
+    window_end: float
+    host_snapshots: dict[str, int]
+    procs: dict[Identity, tuple[int, int, float, float]]  # n_snap, n_hours, first, last
+    hours: dict[tuple[str, str, int], int]  # (host, name, hour of day) -> sightings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "host_snapshots": self.host_snapshots,
+            "procs": [[*k, *v] for k, v in self.procs.items()],
+            "hours": [[h, n, hr, c] for (h, n, hr), c in self.hours.items()],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Profile:
+        return cls(
+            window_start=float(data["window_start"]),
+            window_end=float(data["window_end"]),
+            host_snapshots={str(k): int(v) for k, v in data["host_snapshots"].items()},
+            procs={(h, n, u, e): (int(a), int(b), float(c), float(d))
+                   for h, n, u, e, a, b, c, d in data["procs"]},
+            hours={(h, n, int(hr)): int(c) for h, n, hr, c in data["hours"]},
+        )
+
+    def name_counts(self) -> dict[tuple[str, str], int]:
+        """Sightings per (host, name) summed over the hours table, cached."""
+        cached = getattr(self, "_name_counts", None)
+        if cached is None:
+            cached = {}
+            for (host, name, _hour), count in self.hours.items():
+                cached[(host, name)] = cached.get((host, name), 0) + count
+            self._name_counts = cached
+        return cached
+
+    def by_name(self, host: str, name: str) -> list[tuple[Identity, tuple[int, int, float, float]]]:
+        return [(k, v) for k, v in self.procs.items() if k[0] == host and k[1] == name]
+
+
+def build_features(profile: Profile, rows: Sequence[Sequence[Any]],
+                   gaps: Sequence[float | None] | None = None) -> np.ndarray:
+    """Feature matrix for rows in ``ROW_FIELDS`` order: (host, name, username, exe, ts, cpu, rss).
+
+    ``gaps`` (hours since the previous sighting) is given for training rows; when scoring it is
+    derived from the profile's last sighting.
+    """
+    n = len(rows)
+    out = np.zeros((n, len(FEATURES)), dtype=np.float64)
+    if n == 0:
+        return out
+    procs, hours, host_snaps = profile.procs, profile.hours, profile.host_snapshots
+    names = profile.name_counts()
+    window_h = max((profile.window_end - profile.window_start) / 3600.0, 1.0)
+    none = (0, 0, 0.0, 0.0)
+    n_snap = np.empty(n)
+    n_hours = np.empty(n)
+    total = np.empty(n)
+    gap = np.empty(n)
+    n_hour = np.empty(n)
+    n_name = np.empty(n)
+    rss = np.empty(n)
+    cpu = np.empty(n)
+    for i, (host, name, user, exe, ts, c, r) in enumerate(rows):
+        snap, hrs, _first, last = procs.get((host, name, user or "", exe or ""), none)
+        n_snap[i] = snap
+        n_hours[i] = hrs
+        total[i] = host_snaps.get(host, 0)
+        if gaps is not None:
+            g = gaps[i]
+            gap[i] = window_h if g is None else g
+        else:
+            gap[i] = window_h if not snap else max(0.0, (ts - last) / 3600.0)
+        n_hour[i] = hours.get((host, name, int(ts // 3600) % 24), 0)
+        n_name[i] = names.get((host, name), 0)
+        rss[i] = r or 0
+        cpu[i] = c or 0.0
+    out[:, 0] = np.log1p(n_snap)
+    out[:, 1] = np.log1p(n_hours)
+    out[:, 2] = np.divide(n_snap, total, out=np.zeros(n), where=total > 0)
+    out[:, 3] = np.log1p(np.minimum(gap, window_h))
+    out[:, 4] = np.log1p(24.0 * np.divide(n_hour, n_name, out=np.zeros(n), where=n_name > 0))
+    out[:, 5] = np.log1p(rss / 1048576.0)
+    out[:, 6] = np.log1p(cpu)
+    return out
+
+
+@dataclass
+class ScoreResult:
+    scores: np.ndarray  # 0..1, higher is more anomalous
+    flagged: np.ndarray  # bool
+    threshold: float
+
+
+class AnomalyModel:
+    """A trained detector: everything needed to score rows, nothing that can run code."""
+
+    def __init__(self, forest: IsolationForest, profile: Profile, meta: dict[str, Any],
+                 version: str | None = None) -> None:
+        self.forest = forest
+        self.profile = profile
+        self.meta = meta
+        self.version = version
+        self.threshold = float(meta["threshold"])
+        self.flag_unseen = bool(meta.get("flag_unseen", True))
+
+    # -- scoring -------------------------------------------------------------------------
+    def score(self, rows: Sequence[Sequence[Any]]) -> ScoreResult:
+        X = build_features(self.profile, rows)
+        if len(X) == 0:
+            return ScoreResult(np.zeros(0), np.zeros(0, dtype=bool), self.threshold)
+        scores = -self.forest.score_samples(X)
+        flagged = scores > self.threshold
+        if self.flag_unseen:
+            flagged |= X[:, 0] == 0.0
+        return ScoreResult(scores, flagged, self.threshold)
+
+    def reasons(self, row: Sequence[Any]) -> list[str]:
+        """Plain-language reasons a row looks odd, for alerts and `milton detect`."""
+        host, name, user, exe, ts, _cpu, _rss = row
+        profile = self.profile
+        if host not in profile.host_snapshots:
+            return [f"no history for host {host!r} yet"]
+        window_days = (profile.window_end - profile.window_start) / 86400
+        same_name = profile.by_name(host, name)
+        if not same_name:
+            return [f"never seen on {host} in the last {window_days:.0f} days"]
+        total = profile.host_snapshots[host]
+        snap = profile.procs.get((host, name, user or "", exe or ""), (0,))[0]
+        out = []
+        if snap == 0:
+            users = {k[2] for k, _ in same_name}
+            exes = {k[3] for k, _ in same_name}
+            if (user or "") not in users:
+                usual = max(same_name, key=lambda kv: kv[1][0])[0][2]
+                out.append(f"{name} never ran as {user!r} here (usually {usual!r})")
+            if (exe or "") not in exes:
+                out.append(f"{name} never ran from {exe!r} here")
+            if not out:
+                out.append(f"this user/executable combination of {name} is new")
+        elif total and snap / total < 0.05:
+            out.append(f"rare on {host}: seen in {snap} of {total} snapshots")
+        if profile.hours.get((host, name, int(ts // 3600) % 24), 0) == 0:
+            out.append(f"unusual hour ({int(ts // 3600) % 24:02d}:00 UTC)")
+        return out or ["unusual resource use for this process"]
+
+    # -- persistence ---------------------------------------------------------------------
+    def write(self, directory: Path) -> None:
+        import skops.io as sio
+
+        sio.dump(self.forest, directory / MODEL_FILE)
+        (directory / PROFILE_FILE).write_text(json.dumps(self.profile.to_json()))
+        (directory / META_FILE).write_text(json.dumps(self.meta, indent=2))
+
+    @classmethod
+    def load(cls, version: Version) -> AnomalyModel:
+        """Load a version whose checksums were already verified (see :func:`load_verified`)."""
+        import skops.io as sio
+
+        directory = version.path
+        try:
+            untrusted = [t for t in sio.get_untrusted_types(file=directory / MODEL_FILE)
+                         if t not in TRUSTED_TYPES]
+            if untrusted:
+                raise ArtifactError(
+                    f"{KIND}/{version.name}: {MODEL_FILE} holds untrusted types: {untrusted[:3]}")
+            forest = sio.load(directory / MODEL_FILE, trusted=TRUSTED_TYPES)
+            profile = Profile.from_json(json.loads((directory / PROFILE_FILE).read_text()))
+            meta = json.loads((directory / META_FILE).read_text())
+        except ArtifactError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "unloadable"
+            raise ArtifactError(f"{KIND}/{version.name}: cannot load model: "
+                                f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(forest, IsolationForest) or forest.n_features_in_ != len(FEATURES):
+            raise ArtifactError(f"{KIND}/{version.name}: not a compatible IsolationForest")
+        if not math.isfinite(float(meta.get("threshold", float("nan")))):
+            raise ArtifactError(f"{KIND}/{version.name}: meta.json lacks a threshold")
+        return cls(forest, profile, meta, version.name)
+
+
+def load_verified(store: ArtifactStore, name: str = "current") -> AnomalyModel:
+    """Checksum-verify, then load. Raises ArtifactError naming what is wrong."""
+    version = store.verify(store.get(name).name)
+    return AnomalyModel.load(version)
+
+
+def rows_from_dicts(records: Iterable[Mapping[str, Any]]) -> list[tuple]:
+    """Scoring rows from API/JSON records (aliases as accepted by ingest)."""
+    from milton.ingest.processes import normalize_record
+
+    out = []
+    for record in records:
+        row = normalize_record(record)
+        # normalize_record order: snapshot_id, host, ts, pid, ppid, name, exe, username, cpu, rss, ct
+        out.append((row[1], row[5], row[7], row[6], row[2], row[8], row[9]))
+    return out

@@ -1,0 +1,318 @@
+"""Settings: init arguments > ``MILTON_*`` environment > ``config.toml`` > defaults.
+
+One typed tree shared by every pillar. ``load_settings`` is the only entry point; it turns
+every way a user can get config wrong (bad TOML, a typo'd key, a value of the wrong type)
+into a :class:`ConfigError` whose message names the key and where the value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from milton.core.errors import ConfigError
+
+ENV_PREFIX = "MILTON_"
+ENV_NESTED = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    """Where state lives. Relative paths are resolved against ``home``."""
+
+    home: Path = Field(
+        default=Path("."),
+        description="Root for relative paths below; MILTON_HOME sets it.",
+    )
+    data_dir: Path = Field(default=Path("data"), description="SQLite store, logs, locks.")
+    checkpoints_dir: Path = Field(
+        default=Path("checkpoints"), description="Versioned model artifacts."
+    )
+
+
+class StoreConfig(_Section):
+    filename: str = Field(default="milton.db", description="Database file inside data_dir.")
+    busy_timeout_ms: int = Field(
+        default=30_000, ge=0, description="How long a writer waits for a lock before failing."
+    )
+
+
+class ArtifactsConfig(_Section):
+    keep: int = Field(
+        default=10, ge=1, description="Versions kept per kind; current and pinned never go."
+    )
+
+
+class IngestConfig(_Section):
+    retention_margin_days: float = Field(
+        default=2.0,
+        ge=0,
+        description="Snapshots older than anomaly.window_days plus this margin are deleted.",
+    )
+    max_line_bytes: int = Field(
+        default=1_000_000, ge=1024, description="Longest accepted JSONL/CSV line, in bytes."
+    )
+
+
+class AnomalyConfig(_Section):
+    window_days: float = Field(default=30.0, gt=0, description="Sliding training window.")
+    min_records: int = Field(default=50, ge=1, description="Skip training below this many rows.")
+    min_processes: int = Field(
+        default=10, ge=1, description="Skip training below this many distinct processes."
+    )
+    contamination_short: float = Field(
+        default=0.05, gt=0, le=0.5, description="Contamination with <= short_hours of history."
+    )
+    contamination_medium: float = Field(
+        default=0.02, gt=0, le=0.5, description="Contamination with <= medium_hours of history."
+    )
+    contamination_long: float = Field(
+        default=0.01, gt=0, le=0.5, description="Contamination with more history than that."
+    )
+    short_hours: float = Field(default=5.0, gt=0, description="Upper bound of 'short' history.")
+    medium_hours: float = Field(
+        default=12.0, gt=0, description="Upper bound of 'medium' history."
+    )
+    n_estimators: int = Field(default=100, ge=10, le=2000, description="Trees in the forest.")
+    max_samples: int = Field(default=512, ge=16, description="Rows drawn per tree.")
+    rows_per_process: int = Field(
+        default=48,
+        ge=1,
+        description="Training rows kept per (host, process) so busy processes don't drown rare ones.",
+    )
+    random_state: int = Field(default=0, description="Seed, for reproducible models.")
+    keep_versions: int = Field(default=24, ge=1, description="Anomaly model versions kept.")
+
+
+class ServeConfig(_Section):
+    host: str = Field(default="127.0.0.1", description="Bind address (loopback by default).")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    snapshot_interval_s: float = Field(
+        default=60.0, gt=0, description="Seconds between live process snapshots scored by serve."
+    )
+    snapshot_enabled: bool = Field(
+        default=True, description="Snapshot and score this host's processes in a loop."
+    )
+    reload_poll_s: float = Field(
+        default=1.0, gt=0, description="How often serve checks for a newly promoted model."
+    )
+    max_score_rows: int = Field(
+        default=100_000, ge=1, description="Largest batch accepted by POST /anomaly/score."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Field names are the TOML sections and keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute_paths(cls, paths: PathsConfig) -> PathsConfig:
+        home = paths.home.expanduser().resolve()
+        return PathsConfig(
+            home=home,
+            data_dir=(home / paths.data_dir.expanduser()).resolve(),
+            checkpoints_dir=(home / paths.checkpoints_dir.expanduser()).resolve(),
+        )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML layer is merged in by load_settings as init data of lower priority,
+        # because its path is only known at run time (--config).
+        return (init_settings, env_settings)
+
+    # Convenience accessors used everywhere -------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.paths.data_dir / self.store.filename
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.paths.data_dir / "logs"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.paths.data_dir / "locks"
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    """Settings plus provenance, so ``milton config show`` can say where each value came from."""
+
+    settings: Settings
+    config_file: Path | None
+    sources: dict[str, str]  # "section.key" -> "default" | "env MILTON_X__Y" | "file:line" | "init"
+
+
+def default_config_path(environ: dict[str, str] | None = None) -> Path | None:
+    """``MILTON_CONFIG``, else ``config.toml`` in ``MILTON_HOME`` (or the working directory)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("MILTON_CONFIG"):
+        return Path(environ["MILTON_CONFIG"]).expanduser()
+    home = Path(environ.get("MILTON_HOME") or ".").expanduser()
+    candidate = home / "config.toml"
+    return candidate if candidate.is_file() else None
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _toml_line(text: str, dotted: str) -> int | None:
+    """Best-effort line number of ``section.key`` in the TOML text (tomllib keeps none)."""
+    parts = dotted.split(".")
+    section, key = (parts[0], parts[-1]) if len(parts) > 1 else ("", parts[0])
+    current = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+            if current == dotted:
+                return number
+            continue
+        if current == section and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_name(dotted: str) -> str:
+    return ENV_PREFIX + dotted.replace(".", ENV_NESTED).upper()
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> LoadedSettings:
+    """Build the effective settings. Raises :class:`ConfigError` naming key and source."""
+    environ = dict(os.environ if environ is None else environ)
+    path = Path(config_file).expanduser() if config_file else default_config_path(environ)
+
+    toml_data: dict[str, Any] = {}
+    toml_text = ""
+    if path is not None:
+        toml_data, toml_text = _read_toml(path)
+
+    # MILTON_HOME is the documented short form of MILTON_PATHS__HOME.
+    if environ.get("MILTON_HOME") and not environ.get("MILTON_PATHS__HOME"):
+        environ["MILTON_PATHS__HOME"] = environ["MILTON_HOME"]
+    env_source = EnvSettingsSource(
+        Settings,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED,
+        case_sensitive=False,
+    )
+    env_source.env_vars = {k.lower(): v for k, v in environ.items()}  # read from our copy
+    env_data = env_source()
+
+    flat_toml = _flatten(toml_data)
+    flat_env = _flatten(env_data)
+    flat_init = _flatten(overrides)
+
+    def where(dotted: str) -> str:
+        if dotted in flat_init:
+            return "init"
+        if dotted in flat_env:
+            return f"env {_env_name(dotted)}"
+        if dotted in flat_toml and path is not None:
+            line = _toml_line(toml_text, dotted)
+            return f"{path}:{line}" if line else str(path)
+        return "default"
+
+    merged = _deep_merge(_deep_merge(toml_data, env_data), overrides)
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        dotted = ".".join(str(p) for p in err["loc"])
+        origin = where(dotted)
+        if origin == "default" and path is not None and err["type"] == "extra_forbidden":
+            origin = str(path)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown setting (typo?)"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) or err["type"] == "missing" else f" (got {value!r})"
+        more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"{origin}: {dotted}: {message}{shown}{more}") from None
+
+    sources = {dotted: where(dotted) for dotted in _flatten(settings.model_dump())}
+    return LoadedSettings(settings=settings, config_file=path, sources=sources)
+
+
+def describe_settings() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every setting: the source of config.toml docs."""
+    rows: list[tuple[str, Any, str]] = []
+    for section_name, section_field in Settings.model_fields.items():
+        section_model = section_field.annotation
+        for key, field in section_model.model_fields.items():  # type: ignore[union-attr]
+            rows.append((f"{section_name}.{key}", field.default, field.description or ""))
+    return rows

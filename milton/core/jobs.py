@@ -1,0 +1,170 @@
+"""The runner every scheduled command goes through.
+
+It gives each run: a non-blocking lock (a second copy exits 75), a ``job_runs`` row that is
+'running' while it works and ok/skipped/failed after, one JSON line in ``data/logs/jobs.jsonl``,
+and a :class:`JobContext` with the settings, store, logger and the (possibly replayed) ``now``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from milton.core.config import Settings
+from milton.core.errors import BusyError, MiltonError
+from milton.core.log import get_logger, log_event
+from milton.core.store import open_store
+from milton.core.timeutil import iso, utcnow
+
+MASTER_LOG = "jobs.jsonl"
+
+
+class Skip(Exception):
+    """Raised by a job that had nothing to do (not enough data...). Exit code 0."""
+
+    def __init__(self, reason: str, **metrics: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.metrics = metrics
+
+
+@dataclass
+class JobContext:
+    job: str
+    settings: Settings
+    db: sqlite_utils.Database
+    now: datetime
+    run_id: int
+    logger: Any
+
+    def log(self, msg: str, **fields: Any) -> None:
+        log_event(self.logger, msg, job=self.job, run_id=self.run_id, **fields)
+
+
+@dataclass
+class JobResult:
+    job: str
+    run_id: int | None
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    duration_s: float = 0.0
+
+
+@contextmanager
+def job_lock(locks_dir: Path, name: str) -> Iterator[None]:
+    """flock-based: released by the kernel when the process dies, even on kill -9."""
+    try:
+        locks_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise MiltonError(f"{locks_dir}: cannot create lock file: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"{name}: busy, skipped (another run holds {locks_dir / name}.lock)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def append_master_log(logs_dir: Path, entry: dict[str, Any]) -> None:
+    """One line per run, written with a single O_APPEND write so concurrent jobs never interleave."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(entry, default=str, ensure_ascii=False) + "\n").encode()
+    fd = os.open(logs_dir / MASTER_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def run_job(
+    job: str,
+    fn: Callable[[JobContext], dict[str, Any] | None],
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    lock: str | None = None,
+    db: sqlite_utils.Database | None = None,
+) -> JobResult:
+    """Run ``fn`` under the job's lock and record it. Raises on failure (after recording)."""
+    logger = get_logger(job)
+    now = now or utcnow()
+    lock_name = lock or job
+    host, pid = socket.gethostname(), os.getpid()
+    started_wall = utcnow()
+
+    def finish(run_id: int | None, status: str, metrics: dict[str, Any], error: str | None,
+               t0: float, store: sqlite_utils.Database | None) -> JobResult:
+        finished = utcnow()
+        duration = round(time.monotonic() - t0, 4)
+        if store is not None and run_id is not None:
+            store["job_runs"].update(
+                run_id,
+                {"finished": iso(finished), "status": status,
+                 "metrics": json.dumps({**metrics, "duration_s": duration}, default=str),
+                 "error": error},
+            )
+        append_master_log(settings.logs_dir, {
+            "job": job, "run_id": run_id, "status": status, "started": iso(started_wall),
+            "finished": iso(finished), "duration_s": duration, "now": iso(now),
+            "metrics": metrics, "error": error, "host": host, "pid": pid,
+        })
+        return JobResult(job, run_id, status, metrics, error, duration)
+
+    t0 = time.monotonic()
+    own_db = db is None
+    try:
+        with job_lock(settings.locks_dir, lock_name):
+            store = db or open_store(settings.db_path, settings.store.busy_timeout_ms)
+            try:
+                run_id = store["job_runs"].insert({
+                    "job": job, "started": iso(started_wall), "status": "running",
+                    "host": host, "pid": pid, "now": iso(now),
+                }).last_pk
+                ctx = JobContext(job, settings, store, now, run_id, logger)
+                try:
+                    metrics = fn(ctx) or {}
+                except Skip as skip:
+                    result = finish(run_id, "skipped", {"reason": skip.reason, **skip.metrics},
+                                    None, t0, store)
+                    log_event(logger, f"{job}: skipped: {skip.reason}", job=job, status="skipped")
+                    return result
+                except BaseException as exc:
+                    message = str(exc) or type(exc).__name__
+                    if not isinstance(exc, MiltonError):
+                        message = f"{type(exc).__name__}: {message}"
+                    finish(run_id, "failed", {}, message, t0, store)
+                    log_event(logger, f"{job}: failed: {message}", level=40, job=job, status="failed")
+                    raise
+                result = finish(run_id, "ok", metrics, None, t0, store)
+                log_event(logger, f"{job}: ok", job=job, status="ok",
+                          duration_s=result.duration_s, **metrics)
+                return result
+            finally:
+                if own_db:
+                    store.close()
+    except BusyError as exc:
+        # Recorded so `milton status` can show skipped runs; the lock holder keeps going.
+        append_master_log(settings.logs_dir, {
+            "job": job, "run_id": None, "status": "skipped", "started": iso(started_wall),
+            "finished": iso(utcnow()), "duration_s": 0.0, "now": iso(now),
+            "metrics": {"reason": "busy"}, "error": str(exc), "host": host, "pid": pid,
+        })
+        log_event(logger, str(exc), level=30, job=job, status="busy")
+        raise

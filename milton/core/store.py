@@ -1,0 +1,86 @@
+"""The one SQLite store: WAL, a busy timeout, append-only migrations.
+
+Every writer opens it through :func:`open_store`, which creates the file, enables WAL once
+(outside any transaction) and applies pending migrations, each in its own transaction, so a
+crash mid-migration leaves the previous schema version intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+from milton.core.errors import MiltonError
+from milton.core.timeutil import iso, utcnow
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register a migration. Append only: never edit or reorder a released one."""
+    MIGRATIONS.append((fn.__name__, fn))
+    return fn
+
+
+def connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite_utils.Database:
+    """Open a connection shared safely across threads (serve scores on worker threads)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        db = sqlite_utils.Database(conn)
+        if db.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.enable_wal()
+        conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: no corruption on crash
+        conn.execute("PRAGMA foreign_keys = ON")
+    except PermissionError as exc:
+        raise MiltonError(f"{path}: cannot open database: {exc.strerror}") from None
+    except sqlite3.OperationalError as exc:
+        raise MiltonError(f"{path}: cannot open database: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise MiltonError(f"{path}: not a usable SQLite database: {exc}") from None
+    return db
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    if "_migrations" not in db.table_names():
+        return 0
+    return db.execute("select count(*) from _migrations").fetchone()[0]
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply pending migrations in order; return the names applied."""
+    import milton.core.migrations  # noqa: F401  (registers the built-in migrations)
+
+    if "_migrations" not in db.table_names():
+        db.execute(
+            "create table if not exists _migrations "
+            "(id integer primary key, name text not null unique, applied_at text not null)"
+        )
+    done = {row[0] for row in db.execute("select name from _migrations")}
+    applied: list[str] = []
+    for index, (name, fn) in enumerate(MIGRATIONS, start=1):
+        if name in done:
+            continue
+        with db.atomic():
+            fn(db)
+            db.execute(
+                "insert into _migrations (id, name, applied_at) values (?, ?, ?)",
+                [index, name, iso(utcnow())],
+            )
+        applied.append(name)
+    return applied
+
+
+def open_store(path: Path, busy_timeout_ms: int = 30_000) -> sqlite_utils.Database:
+    db = connect(path, busy_timeout_ms)
+    try:
+        migrate(db)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise MiltonError(f"{path}: cannot migrate database: {exc}") from None
+    return db
