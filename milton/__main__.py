@@ -1,0 +1,3 @@
+from milton.cli import main
+
+main()

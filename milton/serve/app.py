@@ -1,0 +1,247 @@
+"""`milton serve`: the long-running process. For now: anomaly scoring, live snapshots with
+alerts, telemetry, Prometheus metrics, and hot reload of the anomaly model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from milton import __version__
+from milton.anomaly.detect import score_rows
+from milton.anomaly.model import KIND, AnomalyModel, load_verified
+from milton.core.artifacts import ArtifactStore
+from milton.core.config import Settings
+from milton.core.log import get_logger, log_event
+from milton.core.store import open_store
+from milton.core.timeutil import iso, utcnow
+from milton.serve.hot import HotModel
+
+logger = get_logger("serve")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("milton_score_requests_total", "Scoring requests", ["status"], registry=r)
+        self.rows = Counter("milton_scored_rows_total", "Process rows scored", registry=r)
+        self.flagged = Counter("milton_flagged_rows_total", "Process rows flagged", registry=r)
+        self.latency = Histogram("milton_score_latency_seconds", "Scoring request latency",
+                                 registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        self.reloads = Gauge("milton_model_reloads_total", "Models hot-reloaded", ["kind"], registry=r)
+        self.failures = Gauge("milton_model_reload_failures_total", "Models rejected on reload", ["kind"], registry=r)
+        self.fallbacks = Gauge("milton_model_fallbacks_total", "Times the last good model kept serving", ["kind"], registry=r)
+        self.swap = Gauge("milton_model_last_swap_seconds", "Duration of the last model swap", ["kind"], registry=r)
+        self.load = Gauge("milton_model_last_load_seconds", "Verify+load time of the last new model", ["kind"], registry=r)
+        self.snapshots = Counter("milton_live_snapshots_total", "Live snapshots scored by serve", registry=r)
+        self.alerts = Counter("milton_alerts_total", "Alerts stored", registry=r)
+
+
+class SnapshotLoop:
+    """Snapshots this host every N seconds, scores it, stores alerts for flagged processes."""
+
+    def __init__(self, settings: Settings, hot: HotModel[AnomalyModel], metrics: Metrics) -> None:
+        self.settings = settings
+        self.hot = hot
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.runs = 0
+        self.last_run: str | None = None
+        self.last_flagged = 0
+        self.last_error: str | None = None
+
+    def run_once(self) -> int:
+        from milton.ingest.processes import take_snapshot
+
+        loaded = self.hot.get()
+        if loaded is None:
+            return 0
+        now = utcnow()
+        rows = take_snapshot(now)
+        scored = score_rows(loaded.model, rows)
+        alerts = [{"ts": r["ts"], "host": r["host"], "snapshot_id": rows[0][0], "pid": r["pid"],
+                   "name": r["name"], "username": r["username"], "exe": r["exe"],
+                   "score": r["score"], "model_version": loaded.version,
+                   "reasons": json.dumps(r["reasons"])} for r in scored if r["flagged"]]
+        if alerts:
+            db = open_store(self.settings.db_path, self.settings.store.busy_timeout_ms)
+            try:
+                with db.atomic():
+                    db["alerts"].insert_all(alerts)
+            finally:
+                db.close()
+        self.runs += 1
+        self.last_run = iso(now)
+        self.last_flagged = len(alerts)
+        self.metrics.snapshots.inc()
+        self.metrics.alerts.inc(len(alerts))
+        return len(alerts)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.serve.snapshot_interval_s):
+            try:
+                self.run_once()
+                self.last_error = None
+            except Exception as exc:  # noqa: BLE001 - keep serving; report in telemetry
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log_event(logger, "live snapshot failed", level=logging.ERROR, error=self.last_error)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="snapshots", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def _load_anomaly(store: ArtifactStore, name: str) -> AnomalyModel:
+    return load_verified(store, name)
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status)
+
+
+def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
+    """Build the app. ``background=False`` (tests) skips the watcher and snapshot threads."""
+    metrics = Metrics()
+    store = ArtifactStore(settings.paths.checkpoints_dir, KIND, keep=settings.anomaly.keep_versions)
+    hot: HotModel[AnomalyModel] = HotModel(store, _load_anomaly, settings.serve.reload_poll_s, logger)
+    snapshots = SnapshotLoop(settings, hot, metrics)
+    started = iso(utcnow())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        open_store(settings.db_path, settings.store.busy_timeout_ms).close()  # migrate up front
+        if background:
+            hot.start()
+            if settings.serve.snapshot_enabled:
+                snapshots.start()
+        else:
+            hot.check()
+        log_event(logger, "serve started", version=__version__,
+                  model=(hot.get().version if hot.get() else None))
+        yield
+        snapshots.stop()
+        hot.stop()
+        log_event(logger, "serve stopped")
+
+    app = FastAPI(title="Milton", version=__version__, lifespan=lifespan)
+    app.state.hot = hot
+    app.state.snapshots = snapshots
+    app.state.metrics = metrics
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        loaded = hot.get()
+        return {"status": "ok", "version": __version__,
+                "anomaly_model": loaded.version if loaded else None}
+
+    @app.post("/anomaly/score")
+    async def score(request: Request) -> Any:
+        t0 = time.perf_counter()
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            metrics.requests.labels("bad_request").inc()
+            return _error(400, f"body is not valid JSON: {exc}", "invalid_request_error")
+        records = body.get("rows") if isinstance(body, dict) else body
+        if not isinstance(records, list):
+            metrics.requests.labels("bad_request").inc()
+            return _error(400, "expected {\"rows\": [...]} or a JSON array of process rows",
+                          "invalid_request_error")
+        if len(records) > settings.serve.max_score_rows:
+            metrics.requests.labels("too_large").inc()
+            return _error(413, f"{len(records)} rows; at most {settings.serve.max_score_rows} per request",
+                          "request_too_large")
+        loaded = hot.get()  # this request finishes on this model, whatever reloads meanwhile
+        if loaded is None:
+            metrics.requests.labels("unavailable").inc()
+            return JSONResponse({"error": {"message": "no anomaly model yet: run `milton train-anomaly`",
+                                           "type": "unavailable", "code": 503}},
+                                status_code=503, headers={"Retry-After": "60"})
+        from milton.ingest.processes import RowError, normalize_record
+
+        rows = []
+        for index, record in enumerate(records):
+            try:
+                rows.append(normalize_record(record))
+            except RowError as exc:
+                metrics.requests.labels("bad_request").inc()
+                return _error(400, f"rows[{index}]: {exc}", "invalid_request_error")
+        scored = score_rows(loaded.model, rows) if rows else []
+        metrics.requests.labels("ok").inc()
+        metrics.rows.inc(len(scored))
+        metrics.flagged.inc(sum(r["flagged"] for r in scored))
+        metrics.latency.observe(time.perf_counter() - t0)
+        return {"model_version": loaded.version, "threshold": loaded.model.threshold,
+                "results": [{k: r[k] for k in ("host", "pid", "name", "score", "flagged", "reasons")}
+                            for r in scored]}
+
+    @app.get("/ml/telemetry")
+    def telemetry() -> dict[str, Any]:
+        loaded = hot.get()
+        db = open_store(settings.db_path, settings.store.busy_timeout_ms)
+        try:
+            runs = [dict(zip(("id", "started", "finished", "status", "metrics", "error"), row))
+                    for row in db.conn.execute(
+                        "select id, started, finished, status, metrics, error from job_runs "
+                        "where job = 'train-anomaly' order by id desc limit 10")]
+            counts = dict(db.conn.execute(
+                "select status, count(*) from job_runs where job = 'train-anomaly' group by status"
+            ).fetchall())
+            alerts = db.conn.execute("select count(*) from alerts").fetchone()[0]
+        finally:
+            db.close()
+        for run in runs:
+            run["metrics"] = json.loads(run["metrics"]) if run["metrics"] else None
+        return {
+            "started": started,
+            "anomaly": {
+                "current_version": loaded.version if loaded else None,
+                "loaded_at": loaded.loaded_at if loaded else None,
+                "reloads": hot.reloads, "last_reload": hot.last_reload,
+                "reload_failures": hot.failures, "fallbacks": hot.fallbacks,
+                "last_error": hot.last_error, "last_load_s": hot.last_load_s,
+                "last_swap_s": hot.last_swap_s,
+            },
+            "training_runs": {"counts": counts, "recent": runs},
+            "live_snapshots": {"enabled": settings.serve.snapshot_enabled, "runs": snapshots.runs,
+                               "last_run": snapshots.last_run, "last_flagged": snapshots.last_flagged,
+                               "last_error": snapshots.last_error},
+            "alerts_stored": alerts,
+        }
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        metrics.reloads.labels(KIND).set(hot.reloads)
+        metrics.failures.labels(KIND).set(hot.failures)
+        metrics.fallbacks.labels(KIND).set(hot.fallbacks)
+        if hot.last_swap_s is not None:
+            metrics.swap.labels(KIND).set(hot.last_swap_s)
+        if hot.last_load_s is not None:
+            metrics.load.labels(KIND).set(hot.last_load_s)
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_server(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+    import uvicorn
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host or settings.serve.host,
+                            port=settings.serve.port if port is None else port,
+                            log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run()
