@@ -32,7 +32,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error, one line: never wrap at 80 columns
 
 
 class State:
@@ -290,6 +290,21 @@ def _register_optional() -> None:
     app.add_typer(systemd_app, name="systemd")
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, UsageError) classes: newer typer vendors click as ``typer._click``,
+    whose exceptions are not subclasses of the standalone ``click`` package's."""
+    click_errors: list[type] = []
+    usage_errors: list[type] = []
+    for module_name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = __import__(module_name, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        click_errors.append(module.ClickException)
+        usage_errors.append(module.UsageError)
+    return tuple(click_errors), tuple(usage_errors)
+
+
 def main() -> None:
     """Console entry point: one-line errors, documented exit codes."""
     _register_optional()
@@ -304,10 +319,9 @@ def main() -> None:
         err.print("milton: aborted")
         sys.exit(1)
     except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.ClickException):
+        click_errors, usage_errors = _click_exception_types()
+        if isinstance(exc, click_errors):
             exc.show()
-            sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+            sys.exit(EXIT_USAGE if isinstance(exc, usage_errors) else exc.exit_code)
         raise
     sys.exit(0)

@@ -260,9 +260,15 @@ def load_settings(
     toml_text = ""
     if path is not None:
         toml_data, toml_text = _read_toml(path)
+        paths_section = toml_data.get("paths")
+        if isinstance(paths_section, dict) and isinstance(paths_section.get("home"), str):
+            home = Path(paths_section["home"]).expanduser()
+            if not home.is_absolute():  # relative to the config file, not the working directory
+                paths_section["home"] = str(path.parent.resolve() / home)
 
     # MILTON_HOME is the documented short form of MILTON_PATHS__HOME.
-    if environ.get("MILTON_HOME") and not environ.get("MILTON_PATHS__HOME"):
+    home_alias = bool(environ.get("MILTON_HOME") and not environ.get("MILTON_PATHS__HOME"))
+    if home_alias:
         environ["MILTON_PATHS__HOME"] = environ["MILTON_HOME"]
     env_source = EnvSettingsSource(
         Settings,
@@ -281,6 +287,8 @@ def load_settings(
         if dotted in flat_init:
             return "init"
         if dotted in flat_env:
+            if dotted == "paths.home" and home_alias:
+                return "env MILTON_HOME"
             return f"env {_env_name(dotted)}"
         if dotted in flat_toml and path is not None:
             line = _toml_line(toml_text, dotted)

@@ -7,8 +7,9 @@ crash mid-migration leaves the previous schema version intact.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sqlite_utils
@@ -26,13 +27,42 @@ def migration(fn: Migration) -> Migration:
     return fn
 
 
+class Store(sqlite_utils.Database):
+    """A Database whose outermost ``atomic()`` is ``BEGIN IMMEDIATE``.
+
+    A deferred transaction that reads before it writes cannot wait for the write lock in WAL
+    mode: if another connection committed meanwhile, SQLite fails at once with "database is
+    locked" (the busy timeout does not apply). Taking the write lock up front makes concurrent
+    writers queue on the busy timeout instead.
+    """
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[sqlite_utils.Database]:
+        if self.conn.in_transaction:
+            with super().atomic() as db:  # nested: a savepoint
+                yield db
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.conn.rollback()
+            raise
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.rollback()
+                raise
+
+
 def connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite_utils.Database:
     """Open a connection shared safely across threads (serve scores on worker threads)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        db = sqlite_utils.Database(conn)
+        db = Store(conn)
         if db.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             db.enable_wal()
         conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: no corruption on crash
@@ -67,6 +97,9 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
         if name in done:
             continue
         with db.atomic():
+            # Re-check under the write lock: another process may have just applied it.
+            if db.execute("select 1 from _migrations where name = ?", [name]).fetchone():
+                continue
             fn(db)
             db.execute(
                 "insert into _migrations (id, name, applied_at) values (?, ?, ?)",

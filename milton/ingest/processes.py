@@ -133,11 +133,13 @@ def _as_float(value: Any, name: str) -> float | None:
         raise RowError(f"field '{name}': expected a number, got a boolean")
     try:
         out = float(value)
+    except OverflowError:
+        raise RowError(f"field '{name}': number too large") from None
     except (TypeError, ValueError):
         shown = value[:40] if isinstance(value, str) else type(value).__name__
         raise RowError(f"field '{name}': expected a number, got {shown!r}") from None
     if not math.isfinite(out) or out < 0:
-        raise RowError(f"field '{name}': must be a finite number >= 0, got {value!r}")
+        raise RowError(f"field '{name}': must be a finite number >= 0, got {str(value)[:40]!r}")
     return out
 
 
@@ -164,13 +166,18 @@ _ts_cache: dict[Any, float] = {}
 def _as_ts(value: Any, name: str = "timestamp") -> float:
     if value is None or value == "":
         raise RowError(f"missing field '{name}'")
-    cached = _ts_cache.get(value)
-    if cached is not None:
-        return cached
+    # bool before the cache: True == 1 would otherwise hit a cached 1; only scalars are hashable.
     if isinstance(value, bool):
         raise RowError(f"field '{name}': expected a timestamp, got a boolean")
+    cacheable = isinstance(value, (str, int, float))
+    cached = _ts_cache.get(value) if cacheable else None
+    if cached is not None:
+        return cached
     if isinstance(value, (int, float)):
-        out = float(value)
+        try:
+            out = float(value)
+        except OverflowError:
+            raise RowError(f"field '{name}': timestamp out of range") from None
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -186,7 +193,7 @@ def _as_ts(value: Any, name: str = "timestamp") -> float:
     else:
         raise RowError(f"field '{name}': expected a timestamp, got {type(value).__name__}")
     if not math.isfinite(out) or out <= 0 or out > 32503680000:  # year 3000
-        raise RowError(f"field '{name}': timestamp out of range: {value!r}")
+        raise RowError(f"field '{name}': timestamp out of range: {str(value)[:40]!r}")
     if len(_ts_cache) > 4096:
         _ts_cache.clear()
     _ts_cache[value] = out
@@ -291,6 +298,9 @@ def parse_records(
             except json.JSONDecodeError as exc:
                 yield number, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
                 continue
+            except (ValueError, RecursionError) as exc:  # e.g. an integer with > 4300 digits
+                yield number, None, f"invalid JSON: {str(exc)[:80]}"
+                continue
             try:
                 yield number, normalize_record(record), None
             except RowError as exc:
@@ -335,6 +345,8 @@ def parse_records(
 
 def _open_source(path: str | Path) -> tuple[BinaryIO, str, bool]:
     if str(path) == "-":
+        if sys.stdin is None:
+            raise InputError("<stdin>: not available (stdin is closed)")
         return sys.stdin.buffer, "<stdin>", False
     p = Path(path)
     if p.is_dir():

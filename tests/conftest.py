@@ -1,0 +1,89 @@
+"""Shared fixtures: an isolated MILTON_HOME per test and a real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def milton_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets a fresh MILTON_HOME and working directory, and no stray MILTON_* vars."""
+    for name in list(os.environ):
+        if name.upper().startswith("MILTON_"):
+            monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("MILTON_HOME", str(home))
+    monkeypatch.chdir(home)
+    return home
+
+
+@pytest.fixture
+def cli(milton_home: Path):
+    """Run ``python -m milton ARGS`` with stdin empty; return (returncode, stdout, stderr)."""
+
+    def run(*args: str, input: bytes | str | None = None, env: dict[str, str] | None = None,
+            cwd: Path | None = None, timeout: float = 60) -> tuple[int, str, str]:
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env["COLUMNS"] = "80"  # a narrow terminal: long error lines must still not wrap
+        if env:
+            full_env.update(env)
+        data = input.encode() if isinstance(input, str) else input
+        proc = subprocess.run(
+            [sys.executable, "-m", "milton", *args],
+            input=data if data is not None else b"",
+            capture_output=True,
+            env=full_env,
+            cwd=cwd or Path.cwd(),
+            timeout=timeout,
+        )
+        return (proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                proc.stderr.decode("utf-8", "replace"))
+
+    return run
+
+
+@pytest.fixture
+def settings():
+    from milton.core.config import load_settings
+
+    return load_settings().settings
+
+
+@pytest.fixture
+def db_rows(milton_home: Path):
+    """Count rows in a table of the default store (0 if the store does not exist yet)."""
+
+    def count(table: str = "processes", where: str = "", args: tuple = ()) -> int:
+        path = milton_home / "data" / "milton.db"
+        if not path.exists():
+            return 0
+        conn = sqlite3.connect(path)
+        try:
+            if not conn.execute("select 1 from sqlite_master where name = ?", (table,)).fetchone():
+                return 0
+            return conn.execute(f"select count(*) from {table} {where}", args).fetchone()[0]
+        finally:
+            conn.close()
+
+    return count
+
+
+def assert_clean_error(stderr: str, *needles: str) -> str:
+    """The error is one ``milton: error:`` line containing every needle, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("milton: error:")]
+    assert len(errors) == 1, stderr
+    assert stderr.strip().splitlines()[-1] == errors[0], f"error must be one unwrapped line:\n{stderr}"
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]

@@ -1,0 +1,25 @@
+"""Checked-in generated docs must match the code."""
+
+from pathlib import Path
+
+from milton.ops.docs import render_cli_reference, render_default_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_reference_is_current():
+    assert (ROOT / "docs" / "cli.md").read_text() == render_cli_reference(), "run `make docs`"
+
+
+def test_config_toml_documents_every_setting_with_its_default():
+    text = (ROOT / "config.toml").read_text()
+    assert text == render_default_config(), "run `make docs`"
+    from milton.core.config import load_settings
+
+    loaded = load_settings(ROOT / "config.toml", environ={})
+    defaults = load_settings(environ={"MILTON_HOME": str(ROOT / "nonexistent")})
+    assert defaults.config_file is None
+    assert loaded.settings.model_dump(exclude={"paths"}) == defaults.settings.model_dump(exclude={"paths"})
+    assert loaded.settings.paths.home == ROOT  # a relative home is relative to the config file
+    assert all(src.startswith(str(ROOT / "config.toml")) for key, src in loaded.sources.items()
+               if not key.startswith("paths."))

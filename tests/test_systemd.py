@@ -1,0 +1,268 @@
+"""systemd units: rendering, `systemd-analyze verify`/`calendar`, and `milton systemd ...`."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import milton.cli
+from milton.core.config import load_settings
+from milton.core.errors import InputError
+from milton.ops import systemd
+
+UNIT_NAMES = set(systemd.UNITS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _register_cli() -> None:
+    milton.cli._register_optional()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    h = tmp_path / "milton-home"
+    h.mkdir()
+    for var in list(os.environ):
+        if var.startswith("MILTON_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("MILTON_HOME", str(h))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(h)
+    milton.cli.State.loaded = None
+    milton.cli.State.config_path = None
+    return h
+
+
+@pytest.fixture
+def exe(tmp_path) -> str:
+    """A real executable for ExecStart= (verify checks it exists and is executable)."""
+    candidate = Path(sys.executable).parent / "milton"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    fake = tmp_path / "bin" / "milton"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return str(fake)
+
+
+def _analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("systemd-analyze is required in CI (install the systemd package)")
+    pytest.skip("systemd-analyze not installed")
+
+
+def _settings():
+    return load_settings(None).settings
+
+
+def _write(units: dict[str, str], dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in units.items():
+        (dest / name).write_text(text)
+        paths.append(dest / name)
+    return paths
+
+
+def _keys(text: str) -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            k, v = line.split("=", 1)
+            keys.setdefault(k.strip(), []).append(v.strip())
+    return keys
+
+
+# -- rendering ----------------------------------------------------------------------------
+def test_template_dir_has_every_unit():
+    tdir = systemd.template_dir()
+    assert {p.name for p in tdir.iterdir()} >= UNIT_NAMES
+
+
+def test_render_contents(home, exe):
+    units = systemd.render_units(_settings(), exe=exe)
+    assert set(units) == UNIT_NAMES
+    for name, text in units.items():
+        assert "{" not in text and "}" not in text, name
+    for name in ("milton-ingest.service", "milton-train-anomaly.service"):
+        k = _keys(units[name])
+        assert k["Type"] == ["oneshot"]
+        assert k["SuccessExitStatus"] == ["75"]
+        assert k["NoNewPrivileges"] == ["yes"]
+        assert k["ProtectSystem"] == ["strict"]
+        assert k["PrivateTmp"] == ["yes"]
+        assert k["Nice"] == ["10"]
+        assert k["IOSchedulingClass"] == ["idle"]
+        assert k["CPUSchedulingPolicy"] == ["batch"]
+        assert k["WorkingDirectory"] == [str(home.resolve())]
+        assert k["Environment"] == [f'"MILTON_HOME={home.resolve()}"']
+        rw = k["ReadWritePaths"][0]
+        for sub in ("data", "checkpoints"):
+            assert str(home.resolve() / sub) in rw
+        assert k["ExecStart"][0].startswith(exe + " ")
+    assert _keys(units["milton-ingest.service"])["ExecStart"] == [f"{exe} ingest processes"]
+    assert _keys(units["milton-train-anomaly.service"])["ExecStart"] == [f"{exe} train-anomaly"]
+    for timer, service in (("milton-ingest.timer", "milton-ingest.service"),
+                           ("milton-train-anomaly.timer", "milton-train-anomaly.service")):
+        k = _keys(units[timer])
+        assert k["Persistent"] == ["true"]
+        assert k["Unit"] == [service]
+        assert k["WantedBy"] == ["timers.target"]
+        assert k["RandomizedDelaySec"]
+    assert _keys(units["milton-ingest.timer"])["OnCalendar"] == ["*:0/5"]
+    assert _keys(units["milton-train-anomaly.timer"])["OnCalendar"] == ["hourly"]
+    serve = _keys(units["milton-serve.service"])
+    assert serve["Type"] == ["simple"]
+    assert serve["Restart"] == ["on-failure"]
+    assert serve["RestartSec"] == ["5"]
+    assert serve["WantedBy"] == ["default.target"]
+    system = systemd.render_units(_settings(), mode="system", exe=exe)
+    assert _keys(system["milton-serve.service"])["WantedBy"] == ["multi-user.target"]
+
+
+def test_render_config_and_awkward_paths(tmp_path, monkeypatch, exe):
+    odd = tmp_path / "my 100% home"
+    odd.mkdir()
+    monkeypatch.setenv("MILTON_HOME", str(odd))
+    monkeypatch.chdir(odd)
+    cfg = odd / "config.toml"
+    cfg.write_text("")
+    units = systemd.render_units(_settings(), exe=exe, config_file=cfg)
+    k = _keys(units["milton-ingest.service"])
+    assert k["ExecStart"] == [f'{exe} --config "{str(cfg.resolve()).replace("%", "%%")}" ingest processes']
+    assert "100%% home" in k["WorkingDirectory"][0]
+
+
+# -- systemd-analyze ----------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["user", "system"])
+def test_systemd_analyze_verify(home, exe, tmp_path, mode):
+    analyze = _analyze()
+    units = systemd.render_units(_settings(), mode=mode, exe=exe)
+    paths = _write(units, tmp_path / f"units-{mode}")
+    env = {**os.environ, "SYSTEMD_LOG_LEVEL": "notice", "LC_ALL": "C"}
+    cmd = [analyze, "verify"]
+    if mode == "user":
+        runtime = tmp_path / "runtime"
+        runtime.mkdir(mode=0o700)
+        env["XDG_RUNTIME_DIR"] = str(runtime)  # a --user manager needs one; containers lack it
+        cmd.append("--user")
+    for path in paths:
+        proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, env=env, timeout=30)
+        assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
+        noisy = [line for line in proc.stderr.splitlines() if "milton" in line]
+        assert not noisy, f"{path.name}: {proc.stderr}"
+
+
+def test_systemd_analyze_verify_catches_breakage(home, tmp_path):
+    """The verify test above can fail: a missing ExecStart binary is reported."""
+    analyze = _analyze()
+    units = systemd.render_units(_settings(), mode="system", exe=str(tmp_path / "no" / "milton"))
+    (path,) = _write({"milton-ingest.service": units["milton-ingest.service"]}, tmp_path / "bad")
+    proc = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "milton" in proc.stderr
+
+
+def test_systemd_analyze_calendar(home, exe):
+    analyze = _analyze()
+    units = systemd.render_units(_settings(), exe=exe)
+    values = {name: v for name, text in units.items() for v in _keys(text).get("OnCalendar", [])}
+    assert set(values) == {"milton-ingest.timer", "milton-train-anomaly.timer"}
+    env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
+    for name, value in values.items():
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        proc = subprocess.run([analyze, "calendar", value], capture_output=True, text=True,
+                              env=env, timeout=30)
+        assert proc.returncode == 0, f"{name}: {value}: {proc.stderr}"
+        m = re.search(r"Next elapse:\s+\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", proc.stdout)
+        assert m, proc.stdout
+        nxt = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+        delta = (nxt - before).total_seconds()
+        limit = 300 if name == "milton-ingest.timer" else 3600
+        assert 0 < delta <= limit, f"{name}: next elapse {nxt} is {delta}s away"
+
+
+# -- CLI ----------------------------------------------------------------------------------
+def test_cli_install_dry_run_writes_nothing(home, tmp_path, exe):
+    runner = CliRunner()
+    result = runner.invoke(milton.cli.app, ["systemd", "install", "--user", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "OnCalendar=*:0/5" in result.output
+    assert "SuccessExitStatus=75" in result.output
+    assert "enable --now milton-ingest.timer milton-train-anomaly.timer" in result.output
+    assert not (tmp_path / "xdg").exists()
+    assert not (home / "data").exists()
+    # Printed verbatim (no re-wrapping to the terminal width), so it can be copied.
+    for text in systemd.render_units(_settings()).values():
+        assert text in result.output
+
+
+def test_cli_install_and_uninstall_user(home, tmp_path, monkeypatch, exe):
+    # Make systemctl fail the way it does without a running systemd, whatever the host has.
+    fake_bin = tmp_path / "fakebin"
+    fake_bin.mkdir()
+    systemctl = fake_bin / "systemctl"
+    systemctl.write_text("#!/bin/sh\necho 'Failed to connect to bus: No medium found' >&2\nexit 1\n")
+    systemctl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    runner = CliRunner()
+    result = runner.invoke(milton.cli.app, ["systemd", "install", "--user"])
+    assert result.exit_code == 0, result.output
+    dest = tmp_path / "xdg" / "systemd" / "user"
+    assert {p.name for p in dest.iterdir()} == UNIT_NAMES
+    assert "OnCalendar=*:0/5" in (dest / "milton-ingest.timer").read_text()
+    assert "warning" in result.output
+    assert "systemctl --user daemon-reload" in result.output
+    assert "systemctl --user enable --now milton-ingest.timer milton-train-anomaly.timer" in result.output
+    assert "loginctl enable-linger" in result.output
+    assert (home / "data").is_dir() and (home / "checkpoints").is_dir()
+
+    status = runner.invoke(milton.cli.app, ["systemd", "status", "--user"])
+    assert status.exit_code == 0, status.output
+    assert "milton-ingest.timer: installed" in status.output
+
+    result = runner.invoke(milton.cli.app, ["systemd", "uninstall", "--user"])
+    assert result.exit_code == 0, result.output
+    assert list(dest.iterdir()) == []
+    assert "systemctl --user disable --now" in result.output
+    assert "systemctl --user daemon-reload" in result.output
+    assert "removed anyway" in result.output
+
+
+def test_real_systemctl_failure_is_a_warning(home, tmp_path, exe):
+    """With whatever systemctl this host has (usually none running in a container)."""
+    if Path("/run/systemd/system").exists():
+        pytest.skip("a live systemd would really enable the timers; covered with a fake systemctl")
+    outcome = systemd.install(_settings(), "user", exe=exe)
+    assert len(outcome.written) == len(UNIT_NAMES)
+    if not outcome.systemctl_ok:
+        assert outcome.failed[0][0][:2] == ["systemctl", "--user"]
+    systemd.uninstall(None, "user")
+    assert not any((tmp_path / "xdg" / "systemd" / "user").iterdir())
+
+
+def test_system_mode_needs_root(home, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    runner = CliRunner()
+    result = runner.invoke(milton.cli.app, ["systemd", "install", "--system"])
+    assert isinstance(result.exception, InputError)
+    assert result.exception.exit_code == 2
+    assert "root" in str(result.exception)
+    # A dry run is harmless and allowed.
+    result = runner.invoke(milton.cli.app, ["systemd", "install", "--system", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "/etc/systemd/system/milton-serve.service" in result.output
+    assert "WantedBy=multi-user.target" in result.output
