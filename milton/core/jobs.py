@@ -133,6 +133,12 @@ def run_job(
         with job_lock(settings.locks_dir, lock_name):
             store = db or open_store(settings.db_path, settings.store.busy_timeout_ms)
             try:
+                # We hold the lock, so any 'running' row of this job belongs to a dead process.
+                with store.atomic():
+                    store.conn.execute(
+                        "update job_runs set status = 'failed', finished = ?, error = ? "
+                        "where job = ? and status = 'running'",
+                        (iso(utcnow()), "interrupted: the process died before finishing", job))
                 run_id = store["job_runs"].insert({
                     "job": job, "started": iso(started_wall), "status": "running",
                     "host": host, "pid": pid, "now": iso(now),
