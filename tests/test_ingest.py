@@ -373,3 +373,33 @@ def test_live_snapshot_contains_this_process(cli, milton_home):
     assert snaps[0][2] == rows(milton_home, "select count(*) from processes")[0][0] > 5
     status, metrics, _ = last_job(milton_home)
     assert status == "ok" and metrics["source"] == "psutil" and metrics["rows"] == snaps[0][2]
+
+
+@pytest.mark.parametrize("record", [
+    {"host": "h", "pid": 1, "name": "a", "ts": 1.7e9},
+    {"host": "h", "pid": 7, "ppid": 1, "name": "sshd", "exe": "/usr/sbin/sshd", "username": "root",
+     "cpu": 0.5, "rss": 1024, "create_time": 1.6e9, "ts": 1700000000, "snapshot_id": "s1"},
+    {"host": "h", "pid": 7, "name": "x", "ts": 1.7e9, "cpu": 3, "exe": None, "extra": [1, 2]},
+])
+def test_fast_path_agrees_with_the_validating_path(record):
+    """Well-typed records skip the slow validator; both paths must produce the same row."""
+    from milton.ingest.processes import normalize_record
+
+    fast = normalize_record(record)
+    slow_input = {("hostname" if k == "host" else k): v for k, v in record.items()}  # alias: slow path
+    assert normalize_record(slow_input) == fast
+
+
+@pytest.mark.parametrize("bad", [
+    {"host": "h", "pid": -1, "name": "a", "ts": 1.7e9},
+    {"host": "h", "pid": 1, "name": "a\x00", "ts": 1.7e9},
+    {"host": "h", "pid": 1, "name": "a", "ts": 1.7e9, "cpu": float("nan")},
+    {"host": "h", "pid": True, "name": "a", "ts": 1.7e9},
+    {"host": "h", "pid": 1, "name": "a", "ts": 1.7e9, "rss": 2**64},
+    {"host": "", "pid": 1, "name": "a", "ts": 1.7e9},
+])
+def test_fast_path_never_accepts_what_the_validator_rejects(bad):
+    from milton.ingest.processes import RowError, normalize_record
+
+    with pytest.raises(RowError):
+        normalize_record(bad)

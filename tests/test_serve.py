@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -27,14 +24,9 @@ from milton.core.config import load_settings
 from milton.core.jobs import run_job
 from milton.core.store import open_store
 from milton.ingest.processes import COLUMNS, ingest_snapshot
+from milton.serve.process import live_server
 
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc).timestamp()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
@@ -54,28 +46,9 @@ def trained_home(tmp_path: Path):
 @pytest.fixture()
 def server(trained_home):
     home, settings, ws = trained_home
-    port = free_port()
-    env = {**os.environ, "MILTON_HOME": str(home), "MILTON_SERVE__RELOAD_POLL_S": "0.1",
-           "MILTON_SERVE__SNAPSHOT_INTERVAL_S": "0.5", "PYTHONUNBUFFERED": "1"}
-    env.pop("MILTON_CONFIG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "milton", "serve", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read()}")
-        time.sleep(0.1)
-    yield base, proc, settings, ws
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    env = {"MILTON_SERVE__RELOAD_POLL_S": "0.1", "MILTON_SERVE__SNAPSHOT_INTERVAL_S": "0.5"}
+    with live_server(home, env) as srv:
+        yield srv.base, srv, settings, ws
 
 
 def as_records(rows):
@@ -166,9 +139,9 @@ def test_hot_reload_under_load(server):
 
     # Graceful shutdown on SIGTERM: the lifespan shutdown runs (threads stopped, logs flushed).
     # uvicorn re-raises the signal after shutting down, which systemd counts as a clean stop.
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
-    output = proc.stdout.read()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    output = proc.output()
     assert '"serve stopped"' in output, output[-2000:]
 
 

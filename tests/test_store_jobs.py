@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_clean_error

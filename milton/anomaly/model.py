@@ -220,11 +220,7 @@ class AnomalyModel:
 
         directory = version.path
         try:
-            untrusted = [t for t in sio.get_untrusted_types(file=directory / MODEL_FILE)
-                         if t not in TRUSTED_TYPES]
-            if untrusted:
-                raise ArtifactError(
-                    f"{KIND}/{version.name}: {MODEL_FILE} holds untrusted types: {untrusted[:3]}")
+            # Raises UntrustedTypesFoundException for any type outside the explicit list.
             forest = sio.load(directory / MODEL_FILE, trusted=TRUSTED_TYPES)
             profile = Profile.from_json(json.loads((directory / PROFILE_FILE).read_text()))
             meta = json.loads((directory / META_FILE).read_text())

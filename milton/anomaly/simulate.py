@@ -100,7 +100,7 @@ class Workstation:
         rows = []
         procs = self.processes_at(ts)
         noise = self.rng.lognormal(0.0, 0.15, size=(len(procs), 2))
-        for pid, (proc, (a, b)) in enumerate(zip(procs, noise), start=100):
+        for pid, (proc, (a, b)) in enumerate(zip(procs, noise.tolist()), start=100):
             rows.append((sid, self.host, float(ts), pid, 1, proc.name, proc.exe, proc.user,
                          round(proc.cpu * b, 3), int(proc.rss_mb * a * 1048576), ts - 3600.0))
         return rows

@@ -17,9 +17,11 @@ import sqlite3
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -200,8 +202,61 @@ def _as_ts(value: Any, name: str = "timestamp") -> float:
     return out
 
 
+_snapshot_ids: dict[tuple[str, float], str] = {}
+_INF = float("inf")
+
+
+def _derived_snapshot_id(host: str, ts: float) -> str:
+    """Rows without a snapshot id form one snapshot per (host, ts); stable across re-ingests."""
+    key = (host, ts)
+    sid = _snapshot_ids.get(key)
+    if sid is None:
+        if len(_snapshot_ids) > 4096:
+            _snapshot_ids.clear()
+        sid = _snapshot_ids[key] = str(uuid.uuid5(_NAMESPACE, f"{host}\x00{ts!r}"))
+    return sid
+
+
+def _opt_text(value: Any, limit: int) -> bool:
+    return value is None or (type(value) is str and 0 < len(value) <= limit and "\x00" not in value)
+
+
+def _opt_number(value: Any) -> bool:
+    return value is None or ((type(value) is float or type(value) is int) and 0 <= value < _INF)
+
+
+def _fast_record(record: dict) -> tuple | None:
+    """The common case (canonical keys, already the right types), checked inline.
+
+    Returns None for anything else, which then takes the slow path that explains the problem.
+    """
+    get = record.get
+    host, name, pid, ts = get("host"), get("name"), get("pid"), get("ts")
+    if not (type(host) is str and type(name) is str and type(pid) is int
+            and (type(ts) is float or type(ts) is int)):
+        return None
+    if not (0 < len(host) <= 255 and 0 < len(name) <= 1024 and 0 <= pid < 2**63
+            and 0 < ts <= 32503680000) or "\x00" in host or "\x00" in name:
+        return None
+    ppid, exe, user, sid = get("ppid"), get("exe"), get("username"), get("snapshot_id")
+    cpu, rss, created = get("cpu"), get("rss"), get("create_time")
+    if not (_opt_text(exe, 4096) and _opt_text(user, 256) and _opt_text(sid, 128)
+            and _opt_number(cpu) and _opt_number(created)
+            and (ppid is None or (type(ppid) is int and 0 <= ppid < 2**63))
+            and (rss is None or (type(rss) is int and 0 <= rss < 2**63))):
+        return None
+    ts = float(ts)
+    return (sid or _derived_snapshot_id(host, ts), host, ts, pid, ppid, name, exe, user,
+            None if cpu is None else float(cpu), rss,
+            None if created is None else float(created))
+
+
 def normalize_record(record: Any) -> tuple:
     """Validate one decoded record (dict) into a row tuple in ``COLUMNS`` order."""
+    if type(record) is dict:
+        row = _fast_record(record)
+        if row is not None:
+            return row
     if not isinstance(record, dict):
         raise RowError(f"expected an object, got {type(record).__name__}")
     data: dict[str, Any] = {}
@@ -217,7 +272,7 @@ def normalize_record(record: Any) -> tuple:
     ts = _as_ts(data.get("ts"))
     snapshot_id = _as_text(data.get("snapshot_id"), "snapshot_id", 128)
     if snapshot_id is None:
-        snapshot_id = str(uuid.uuid5(_NAMESPACE, f"{host}\x00{ts!r}"))
+        snapshot_id = _derived_snapshot_id(host, ts)
     return (
         snapshot_id, host, ts,
         _as_int(data.get("pid"), "pid", required=True),
@@ -444,25 +499,26 @@ def ingest_file(
 def ingest_records(db: sqlite_utils.Database, records: Iterable[dict[str, Any]],
                    source: str = "api") -> IngestReport:
     """Validate and store decoded records (the API/benchmark path); all or nothing."""
-    rows = []
-    for index, record in enumerate(records, start=1):
-        try:
-            rows.append(normalize_record(record))
-        except RowError as exc:
-            raise InputError(f"{source}: record {index}: {exc}") from None
-    report = IngestReport(source=source, rows=len(rows))
-    meta: dict[str, tuple[str, float, int]] = {}
-    for row in rows:
-        host, ts, n = meta.get(row[0], (row[1], row[2], 0))
-        meta[row[0]] = (host, ts, n + 1)
+    records = records if isinstance(records, list) else list(records)
+    try:
+        rows = list(map(normalize_record, records))  # per-row work stays in C where it can
+    except RowError:
+        for index, record in enumerate(records, start=1):  # rare: find and name the bad one
+            try:
+                normalize_record(record)
+            except RowError as exc:
+                raise InputError(f"{source}: record {index}: {exc}") from None
+        raise
+    sids = list(map(itemgetter(0), rows))
+    counts = Counter(sids)
+    where = dict(zip(sids, map(itemgetter(1, 2), rows)))
     with db.atomic():
         db.conn.executemany(
             "insert or ignore into snapshots (id, host, ts, source, rows) values (?, ?, ?, ?, ?)",
-            [(sid, host, ts, source, n) for sid, (host, ts, n) in meta.items()],
+            [(sid, *where[sid], source, n) for sid, n in counts.items()],
         )
         db.conn.executemany(_INSERT, rows)
-    report.snapshots = len(meta)
-    return report
+    return IngestReport(source=source, rows=len(rows), snapshots=len(counts))
 
 
 def apply_retention(db: sqlite_utils.Database, now: datetime, keep_days: float,
