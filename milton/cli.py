@@ -118,10 +118,11 @@ def ingest_processes_cmd(
         raise InputError("--format: expected jsonl or csv")
     metrics = _job("ingest", ingest_processes_job(from_file, strict=strict, fmt=fmt), now)
     rejected = metrics.get("rejected_rows") or []
-    for line, reason in rejected[:50]:
+    for line, reason in rejected:
         err.print(f"{metrics.get('source')}:{line}: {reason}", markup=False, highlight=False)
-    if len(rejected) > 50:
-        err.print(f"... and {len(rejected) - 50} more rejected rows")
+    total = metrics.get("rejected", len(rejected))
+    if total > len(rejected):
+        err.print(f"... and {total - len(rejected)} more rejected rows")
 
 
 # -- anomaly ------------------------------------------------------------------------------

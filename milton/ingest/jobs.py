@@ -24,7 +24,7 @@ def ingest_processes_job(from_file: str | None = None, *, strict: bool = False,
             report = ingest_file(ctx.db, from_file, strict=strict, fmt=fmt,
                                  max_line_bytes=ctx.settings.ingest.max_line_bytes)
             metrics = {"source": report.source, **report.as_metrics(),
-                       "rejected_rows": report.rejected[:1000]}
+                       "rejected_rows": report.rejected[:50]}  # the count is in "rejected"
         metrics["retention_deleted"] = apply_retention(ctx.db, ctx.now, retention_days(ctx))
         ctx.log("ingested", **{k: v for k, v in metrics.items() if k != "rejected_rows"})
         return metrics
