@@ -67,14 +67,21 @@ def fill_store(path: Path, snaps: Iterator[list[tuple]] | list[list[tuple]]) -> 
     return rows
 
 
+def fill_and_train(settings: Settings, days: float, interval_s: float, seed: int) -> int:
+    """One workstation's ``days`` of history ending at T_END, then train-anomaly at T_END."""
+    from milton.anomaly.train import train_anomaly
+    from milton.core.jobs import run_job
+
+    rows = fill_store(settings.db_path, snapshots(1, T_END - days * DAY, T_END, interval_s, seed=seed))
+    job = run_job("train-anomaly", train_anomaly, settings, now=utc(T_END))
+    if job.status != "ok":
+        raise RuntimeError(f"initial training: {job.status} {job.metrics} {job.error}")
+    return rows
+
+
 def as_records(rows: list[tuple]) -> list[dict[str, Any]]:
     """Rows as the JSON objects an agent sends (COLUMNS as keys)."""
     return [dict(zip(COLUMNS, r)) for r in rows]
-
-
-def scoring_rows(rows: list[tuple]) -> list[tuple]:
-    """COLUMNS-order rows to AnomalyModel.score order (host, name, username, exe, ts, cpu, rss)."""
-    return [(r[1], r[5], r[7], r[6], r[2], r[8], r[9]) for r in rows]
 
 
 # -- a live server -----------------------------------------------------------------------

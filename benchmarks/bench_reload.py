@@ -14,8 +14,8 @@ from milton.anomaly.simulate import Workstation
 from milton.anomaly.train import train_anomaly
 from milton.core.jobs import run_job
 
-from benchmarks._common import (DAY, T_END, as_records, fill_store, live_server, median,
-                                snapshots, target, temp_home, utc)
+from benchmarks._common import (T_END, as_records, fill_and_train, live_server, median, target,
+                                temp_home, utc)
 
 TARGET_LATENCY_S = 2.0
 TARGET_SWAP_S = 0.1
@@ -39,11 +39,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     publishes = 3 if quick else 10
     history_days, interval = (3, 1800.0) if quick else (30, 600.0)
     with temp_home("milton-bench-reload-") as (home, settings):
-        rows = fill_store(settings.db_path,
-                          snapshots(1, T_END - history_days * DAY, T_END, interval, seed=61))
-        first = run_job("train-anomaly", train_anomaly, settings, now=utc(T_END))
-        if first.status != "ok":
-            raise RuntimeError(f"initial training: {first.status} {first.error}")
+        rows = fill_and_train(settings, history_days, interval, seed=61)
         batch = as_records(Workstation(host="ws1", seed=99).snapshot(T_END + 600) * 4)
         env = {"MILTON_SERVE__RELOAD_POLL_S": "0.1", "MILTON_SERVE__SNAPSHOT_ENABLED": "false"}
         stop = threading.Event()

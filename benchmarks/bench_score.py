@@ -9,11 +9,10 @@ from typing import Any
 import httpx
 
 from milton.anomaly.detect import current_model, score_rows
-from milton.anomaly.train import train_anomaly
-from milton.core.jobs import run_job
+from milton.anomaly.model import scoring_rows
 
-from benchmarks._common import (DAY, T_END, as_records, fill_store, live_server, median,
-                                scoring_rows, snapshots, target, temp_home, timed, utc)
+from benchmarks._common import (DAY, T_END, as_records, fill_and_train, live_server, median,
+                                snapshots, target, temp_home, timed)
 
 TARGET_ROWS_PER_S = 100_000
 
@@ -35,11 +34,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     interval = 600.0
     repeats = 3 if quick else 5
     with temp_home("milton-bench-score-") as (home, settings):
-        history = fill_store(settings.db_path,
-                             snapshots(1, T_END - train_days * DAY, T_END, interval, seed=51))
-        job = run_job("train-anomaly", train_anomaly, settings, now=utc(T_END))
-        if job.status != "ok":
-            raise RuntimeError(f"training failed: {job.status} {job.metrics} {job.error}")
+        history = fill_and_train(settings, train_days, interval, seed=51)
         model = current_model(settings)
         # Fresh rows from the following days (the same seed continues the same workstation's
         # habits; the simulator's RNG differs, so some rows are unfamiliar and get flagged).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from milton.anomaly.model import KIND, AnomalyModel, load_verified
+from milton.anomaly.model import KIND, AnomalyModel, load_verified, scoring_rows
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import Settings
 from milton.core.errors import ArtifactError, InputError
@@ -42,9 +42,9 @@ def latest_snapshot_rows(settings: Settings, now: datetime) -> list[tuple]:
 
 
 def file_rows(path: str, max_line_bytes: int) -> list[tuple]:
-    from milton.ingest.processes import _open_source, parse_records
+    from milton.ingest.processes import open_source, parse_records
 
-    handle, source, close = _open_source(path)
+    handle, source, close = open_source(path)
     try:
         rows = []
         for number, row, error in parse_records(handle, source=source, fmt=None,
@@ -62,7 +62,7 @@ def file_rows(path: str, max_line_bytes: int) -> list[tuple]:
 
 def score_rows(model: AnomalyModel, rows: list[tuple]) -> list[dict[str, Any]]:
     """Score full process rows; reasons are computed for flagged rows only (they cost more)."""
-    scoring = [(r[1], r[5], r[7], r[6], r[2], r[8], r[9]) for r in rows]
+    scoring = scoring_rows(rows)
     result = model.score(scoring)
     out = []
     for row, srow, score, flagged in zip(rows, scoring, result.scores, result.flagged):

@@ -16,6 +16,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -242,13 +243,9 @@ def load_verified(store: ArtifactStore, name: str = "current") -> AnomalyModel:
     return AnomalyModel.load(version)
 
 
-def rows_from_dicts(records: Iterable[Mapping[str, Any]]) -> list[tuple]:
-    """Scoring rows from API/JSON records (aliases as accepted by ingest)."""
-    from milton.ingest.processes import normalize_record
+_TO_SCORING = itemgetter(1, 5, 7, 6, 2, 8, 9)  # from milton.ingest.processes.COLUMNS order
 
-    out = []
-    for record in records:
-        row = normalize_record(record)
-        # normalize_record order: snapshot_id, host, ts, pid, ppid, name, exe, username, cpu, rss, ct
-        out.append((row[1], row[5], row[7], row[6], row[2], row[8], row[9]))
-    return out
+
+def scoring_rows(rows: Iterable[Sequence[Any]]) -> list[tuple]:
+    """Full process rows (``COLUMNS`` order) to ``ROW_FIELDS`` order for :meth:`AnomalyModel.score`."""
+    return list(map(_TO_SCORING, rows))

@@ -398,7 +398,7 @@ def parse_records(
             yield number, None, str(exc)
 
 
-def _open_source(path: str | Path) -> tuple[BinaryIO, str, bool]:
+def open_source(path: str | Path) -> tuple[BinaryIO, str, bool]:
     if str(path) == "-":
         if sys.stdin is None:
             raise InputError("<stdin>: not available (stdin is closed)")
@@ -423,7 +423,7 @@ def ingest_file(
     max_line_bytes: int = 1_000_000,
 ) -> IngestReport:
     """Ingest a JSONL/CSV file in one transaction. Raises InputError when nothing may be kept."""
-    handle, source, close = _open_source(path)
+    handle, source, close = open_source(path)
     report = IngestReport(source=source)
     known: set[str] = set()  # snapshot ids seen in this file
     skipped: set[str] = set()  # snapshot ids already in the store (re-ingest)
