@@ -42,7 +42,8 @@ def latest_snapshot_rows(settings: Settings, now: datetime) -> list[tuple]:
 
 
 def file_rows(path: str, max_line_bytes: int) -> list[tuple]:
-    from milton.ingest.processes import open_source, parse_records
+    from milton.ingest.processes import parse_records
+    from milton.ingest.reader import open_source
 
     handle, source, close = open_source(path)
     try:

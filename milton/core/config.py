@@ -116,6 +116,56 @@ class ServeConfig(_Section):
     )
 
 
+class MemoryConfig(_Section):
+    """Conversations, documents and the three memory tiers (short-term, working, long-term)."""
+
+    embedding_model: str = Field(
+        default="",
+        description="Local sentence-transformers model directory; empty = the packaged all-MiniLM-L6-v2.",
+    )
+    embedding_batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per encode batch.")
+    short_term_hours: float = Field(
+        default=48.0, gt=0, description="Short-term memories older than this are compressed into long-term."
+    )
+    prune_days: float = Field(
+        default=90.0, gt=0, description="Long-term memories below prune_importance older than this are pruned."
+    )
+    prune_importance: float = Field(default=0.5, ge=0, le=1, description="See prune_days.")
+    session_idle_minutes: float = Field(
+        default=30.0, gt=0, description="A session with no message for this long is ended and processed."
+    )
+    max_message_chars: int = Field(
+        default=100_000, ge=100, description="Longest accepted message (conversations ingest, sessions)."
+    )
+    chunk_chars: int = Field(
+        default=1200, ge=200, le=20_000, description="Target size of a document chunk in characters."
+    )
+    documents: list[Path] = Field(
+        default_factory=list,
+        description="Files/directories `milton ingest documents` collects when given no PATH (6-hourly timer).",
+    )
+    weight_relevance: float = Field(default=1.0, ge=0, description="Search ranking: weight of relevance.")
+    weight_recency: float = Field(default=0.25, ge=0, description="Search ranking: weight of recency.")
+    weight_importance: float = Field(default=0.25, ge=0, description="Search ranking: weight of importance.")
+    recency_decay_per_hour: float = Field(
+        default=0.995, gt=0, le=1, description="Recency score = decay ** hours since last access."
+    )
+    candidates: int = Field(
+        default=50, ge=5, le=10_000, description="Candidates taken from each of vector and keyword search."
+    )
+    context_budget_tokens: int = Field(
+        default=2000, ge=0, description="Token budget of the memory block injected into prompts."
+    )
+    summarizer: str = Field(
+        default="auto",
+        pattern="^(auto|extractive|llm)$",
+        description="compress-memory summaries: auto (LLM when available), extractive, or llm.",
+    )
+    llm_model: str = Field(
+        default="", description="GGUF file for LLM summaries; empty = the packaged Gemma 3 270M if installed."
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration. Field names are the TOML sections and keys."""
 
@@ -132,6 +182,7 @@ class Settings(BaseSettings):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @field_validator("paths")
     @classmethod

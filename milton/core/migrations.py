@@ -86,3 +86,152 @@ def m003_alerts(db: sqlite_utils.Database) -> None:
         """
     )
     db.execute("create index alerts_ts on alerts (ts)")
+
+
+@migration
+def m004_memory(db: sqlite_utils.Database) -> None:
+    # Sessions keep every raw message (training data); memories are what search sees.
+    db.execute(
+        """
+        create table sessions (
+            id text primary key,
+            user text,
+            source text not null,
+            started real not null,
+            last_activity real not null,
+            ended real,
+            status text not null check (status in ('open', 'ended', 'processed')),
+            content_hash text unique,
+            topics text,
+            metadata text
+        )
+        """
+    )
+    db.execute("create index sessions_status on sessions (status, last_activity)")
+    db.execute(
+        """
+        create table messages (
+            id integer primary key,
+            session_id text not null references sessions (id) on delete cascade,
+            seq integer not null,
+            role text not null check (role in ('system', 'user', 'assistant', 'tool')),
+            content text not null,
+            ts real not null,
+            metadata text,
+            unique (session_id, seq)
+        )
+        """
+    )
+    # tier: short (raw exchanges), working (tasks), long (summaries, knowledge, facts).
+    db.execute(
+        """
+        create table memories (
+            id integer primary key,
+            tier text not null check (tier in ('short', 'working', 'long')),
+            category text not null default 'note',
+            content text not null check (length(content) > 0),
+            importance real not null default 0.5 check (importance between 0 and 1),
+            tags text not null default '[]',
+            created real not null,
+            last_accessed real not null,
+            access_count integer not null default 0,
+            session_id text references sessions (id) on delete set null,
+            source text,
+            source_messages text,
+            content_hash text not null,
+            unique (tier, content_hash)
+        )
+        """
+    )
+    db.execute("create index memories_tier_created on memories (tier, created)")
+    db.execute("create index memories_session on memories (session_id)")
+    db.execute("create index memories_source on memories (source)")
+    # Vectors as float32 blobs: this Python's sqlite3 cannot load vector extensions.
+    db.execute(
+        """
+        create table memory_vectors (
+            memory_id integer primary key references memories (id) on delete cascade,
+            model text not null,
+            dim integer not null,
+            vector blob not null
+        )
+        """
+    )
+    db.execute("create index memory_vectors_model on memory_vectors (model)")
+    db.execute(
+        "create virtual table memories_fts using fts5("
+        "content, tags, content='memories', content_rowid='id', tokenize='porter unicode61')"
+    )
+    db.execute(
+        """
+        create trigger memories_fts_ai after insert on memories begin
+            insert into memories_fts (rowid, content, tags) values (new.id, new.content, new.tags);
+        end
+        """
+    )
+    db.execute(
+        """
+        create trigger memories_fts_ad after delete on memories begin
+            insert into memories_fts (memories_fts, rowid, content, tags)
+            values ('delete', old.id, old.content, old.tags);
+        end
+        """
+    )
+    db.execute(
+        """
+        create trigger memories_fts_au after update of content, tags on memories begin
+            insert into memories_fts (memories_fts, rowid, content, tags)
+            values ('delete', old.id, old.content, old.tags);
+            insert into memories_fts (rowid, content, tags) values (new.id, new.content, new.tags);
+        end
+        """
+    )
+    # Searchers cache vectors in RAM; any deletion bumps this so they reload instead of
+    # returning a deleted memory (inserts are picked up incrementally by rowid).
+    db.execute("create table memory_epoch (id integer primary key check (id = 1), deletions integer not null)")
+    db.execute("insert into memory_epoch values (1, 0)")
+    db.execute(
+        """
+        create trigger memory_vectors_ad after delete on memory_vectors begin
+            update memory_epoch set deletions = deletions + 1 where id = 1;
+        end
+        """
+    )
+    db.execute(
+        """
+        create table tasks (
+            memory_id integer primary key references memories (id) on delete cascade,
+            type text not null default 'task',
+            status text not null default 'pending'
+                check (status in ('pending', 'active', 'blocked', 'done', 'cancelled')),
+            depends_on text not null default '[]',
+            updated real not null
+        )
+        """
+    )
+    db.execute(
+        """
+        create table preferences (
+            key text not null,
+            value text not null,
+            evidence integer not null default 0,
+            sessions integer not null default 0,
+            first_seen real not null,
+            last_seen real not null,
+            primary key (key, value)
+        )
+        """
+    )
+    db.execute(
+        """
+        create table documents (
+            path text primary key,
+            sha256 text not null,
+            size integer not null,
+            chunks integer not null,
+            ingested real not null
+        )
+        """
+    )
+    # Cumulative counters (sessions, messages, memories, fine-tunes): never decrease.
+    db.execute("create table counters (name text primary key, value integer not null default 0)")

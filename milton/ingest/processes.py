@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import sqlite_utils
 
 from milton.core.errors import InputError
+from milton.ingest.reader import open_source, read_lines
 
 COLUMNS = ("snapshot_id", "host", "ts", "pid", "ppid", "name", "exe", "username", "cpu", "rss",
            "create_time")
@@ -286,31 +287,6 @@ def normalize_record(record: Any) -> tuple:
     )
 
 
-def _lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, str | None, str | None]]:
-    """Yield (line number, text, error) without ever holding more than one oversized line."""
-    number = 0
-    while True:
-        raw = handle.readline(max_line_bytes + 1)
-        if not raw:
-            return
-        number += 1
-        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-            while True:  # drain the rest of the oversized line
-                more = handle.readline(1 << 20)
-                if not more or more.endswith(b"\n"):
-                    break
-            yield number, None, f"line longer than {max_line_bytes} bytes"
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield number, None, f"not UTF-8 (byte {exc.start})"
-            continue
-        if number == 1 and text.startswith("\ufeff"):
-            text = text[1:]
-        yield number, text, None
-
-
 def _detect_format(path: str, first: str | None, explicit: str | None) -> str:
     if explicit:
         return explicit
@@ -326,7 +302,7 @@ def parse_records(
     handle: BinaryIO, *, source: str, fmt: str | None, max_line_bytes: int
 ) -> Iterator[tuple[int, tuple | None, str | None]]:
     """Yield (line, row, error) for every data line of a JSONL or CSV stream."""
-    lines = _lines(handle, max_line_bytes)
+    lines = read_lines(handle, max_line_bytes)
     pending: list[tuple[int, str | None, str | None]] = []
     first_text = None
     for item in lines:  # peek at the first non-blank line for format detection
@@ -396,22 +372,6 @@ def parse_records(
             yield number, normalize_record(dict(zip(header, cells))), None
         except RowError as exc:
             yield number, None, str(exc)
-
-
-def open_source(path: str | Path) -> tuple[BinaryIO, str, bool]:
-    if str(path) == "-":
-        if sys.stdin is None:
-            raise InputError("<stdin>: not available (stdin is closed)")
-        return sys.stdin.buffer, "<stdin>", False
-    p = Path(path)
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, expected a JSONL or CSV file")
-    try:
-        return open(p, "rb"), str(p), True
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except PermissionError:
-        raise InputError(f"{p}: permission denied") from None
 
 
 def ingest_file(

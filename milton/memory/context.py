@@ -1,0 +1,80 @@
+"""The memory block serve puts in the system prompt: most useful first, within a token budget."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlite_utils
+
+from milton.core.config import MemoryConfig
+from milton.memory.embed import Embedder
+from milton.memory.search import search
+from milton.memory.store import touch
+
+HEADER = "Relevant memories (most useful first):"
+
+
+def estimate_tokens(text: str) -> int:
+    """~4 characters a token for English with BPE/SentencePiece vocabularies; errs high for
+    short words, which is the safe side for a budget."""
+    return max(1, (len(text) + 3) // 4)
+
+
+def humanize_age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
+                       ("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"
+
+
+def preference_lines(db: sqlite_utils.Database, min_evidence: int = 2, limit: int = 8) -> list[str]:
+    rows = db.execute(
+        "select key, value from preferences where evidence >= ? order by evidence desc, last_seen desc "
+        "limit ?", (min_evidence, limit)).fetchall()
+    return [f"{key.replace('_', ' ')}: {value}" for key, value in rows]
+
+
+def build_context(
+    db: sqlite_utils.Database,
+    embedder: Embedder,
+    query: str,
+    config: MemoryConfig,
+    now: datetime,
+    *,
+    budget_tokens: int | None = None,
+    k: int = 20,
+    mark_used: bool = True,
+) -> str:
+    """Lines like ``[2 days ago] ...`` that fit ``budget_tokens`` (header included); '' if none.
+
+    Items are taken in ranking order; one that does not fit is skipped so a shorter, less
+    useful one may still fit. Used memories get their recency refreshed (``mark_used``).
+    """
+    budget = config.context_budget_tokens if budget_tokens is None else budget_tokens
+    if budget <= 0 or not query.strip():
+        return ""
+    lines: list[str] = []
+    used_ids: list[int] = []
+    spent = estimate_tokens(HEADER)
+    for hit in search(db, embedder, query, config, now, k=k):
+        age = humanize_age(now.timestamp() - hit.memory.created)
+        line = f"[{age}] " + " ".join(hit.memory.content.split())
+        cost = estimate_tokens(line) + 1
+        if spent + cost > budget:
+            continue
+        lines.append(line)
+        used_ids.append(hit.memory.id)
+        spent += cost
+    prefs = preference_lines(db)
+    if prefs:
+        line = "Known preferences: " + "; ".join(prefs)
+        if spent + estimate_tokens(line) + 1 <= budget:
+            lines.append(line)
+    if not lines:
+        return ""
+    if mark_used:
+        touch(db, used_ids, now)
+    return "\n".join([HEADER, *lines])
