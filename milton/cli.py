@@ -85,11 +85,12 @@ def _print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def _job(name: str, fn, now: Optional[str]) -> dict[str, Any]:
+def _job(name: str, fn, now: Optional[str], *, json_output: bool = False) -> dict[str, Any]:
     from milton.core.jobs import run_job
 
     settings = State.settings()
-    setup_logging(logging_level(), stream=sys.stdout)  # jobs log to stdout (journald)
+    # Jobs log to stdout (journald), unless stdout carries --json output.
+    setup_logging(logging_level(), stream=sys.stderr if json_output else sys.stdout)
     result = run_job(name, fn, settings, now=_now(now))
     return {"status": result.status, "run_id": result.run_id, **result.metrics}
 
@@ -286,9 +287,12 @@ def config_show_cmd(as_json: JsonOpt = False) -> None:
 
 def _register_optional() -> None:
     """Sub-commands living in their own modules register themselves here."""
+    from milton.memory import cli as memory_cli
     from milton.ops.systemd_cli import systemd_app
 
     app.add_typer(systemd_app, name="systemd")
+    memory_cli.register(app)
+    __import__("milton.memory.sessions_cli", fromlist=["register"]).register(app, ingest_app)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

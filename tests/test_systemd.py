@@ -97,7 +97,9 @@ def test_render_contents(home, exe):
     assert set(units) == UNIT_NAMES
     for name, text in units.items():
         assert "{" not in text and "}" not in text, name
-    for name in ("milton-ingest.service", "milton-train-anomaly.service"):
+    jobs = {"milton-ingest": "ingest processes", "milton-train-anomaly": "train-anomaly",
+            "milton-ingest-documents": "ingest documents", "milton-compress-memory": "compress-memory"}
+    for name in (f"{job}.service" for job in jobs):
         k = _keys(units[name])
         assert k["Type"] == ["oneshot"]
         assert k["SuccessExitStatus"] == ["75"]
@@ -113,10 +115,9 @@ def test_render_contents(home, exe):
         for sub in ("data", "checkpoints"):
             assert str(home.resolve() / sub) in rw
         assert k["ExecStart"][0].startswith(exe + " ")
-    assert _keys(units["milton-ingest.service"])["ExecStart"] == [f"{exe} ingest processes"]
-    assert _keys(units["milton-train-anomaly.service"])["ExecStart"] == [f"{exe} train-anomaly"]
-    for timer, service in (("milton-ingest.timer", "milton-ingest.service"),
-                           ("milton-train-anomaly.timer", "milton-train-anomaly.service")):
+    for job, command in jobs.items():
+        assert _keys(units[f"{job}.service"])["ExecStart"] == [f"{exe} {command}"]
+    for timer, service in ((f"{job}.timer", f"{job}.service") for job in jobs):
         k = _keys(units[timer])
         assert k["Persistent"] == ["true"]
         assert k["Unit"] == [service]
@@ -124,6 +125,8 @@ def test_render_contents(home, exe):
         assert k["RandomizedDelaySec"]
     assert _keys(units["milton-ingest.timer"])["OnCalendar"] == ["*:0/5"]
     assert _keys(units["milton-train-anomaly.timer"])["OnCalendar"] == ["hourly"]
+    assert _keys(units["milton-ingest-documents.timer"])["OnCalendar"] == ["*-*-* 00/6:00:00"]
+    assert _keys(units["milton-compress-memory.timer"])["OnCalendar"] == ["Sun *-*-* 02:00:00"]
     serve = _keys(units["milton-serve.service"])
     assert serve["Type"] == ["simple"]
     assert serve["Restart"] == ["on-failure"]
@@ -180,7 +183,9 @@ def test_systemd_analyze_calendar(home, exe):
     analyze = _analyze()
     units = systemd.render_units(_settings(), exe=exe)
     values = {name: v for name, text in units.items() for v in _keys(text).get("OnCalendar", [])}
-    assert set(values) == {"milton-ingest.timer", "milton-train-anomaly.timer"}
+    limits = {"milton-ingest.timer": 300, "milton-train-anomaly.timer": 3600,
+              "milton-ingest-documents.timer": 6 * 3600, "milton-compress-memory.timer": 7 * 86400}
+    assert set(values) == set(limits)
     env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
     for name, value in values.items():
         before = datetime.now(timezone.utc).replace(microsecond=0)
@@ -191,8 +196,10 @@ def test_systemd_analyze_calendar(home, exe):
         assert m, proc.stdout
         nxt = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
         delta = (nxt - before).total_seconds()
-        limit = 300 if name == "milton-ingest.timer" else 3600
+        limit = limits[name]
         assert 0 < delta <= limit, f"{name}: next elapse {nxt} is {delta}s away"
+        if name == "milton-compress-memory.timer":
+            assert nxt.weekday() == 6 and (nxt.hour, nxt.minute) == (2, 0), nxt
 
 
 # -- CLI ----------------------------------------------------------------------------------
@@ -202,7 +209,7 @@ def test_cli_install_dry_run_writes_nothing(home, tmp_path, exe):
     assert result.exit_code == 0, result.output
     assert "OnCalendar=*:0/5" in result.output
     assert "SuccessExitStatus=75" in result.output
-    assert "enable --now milton-ingest.timer milton-train-anomaly.timer" in result.output
+    assert "enable --now milton-ingest.timer milton-train-anomaly.timer milton-ingest-documents.timer milton-compress-memory.timer" in result.output
     assert not (tmp_path / "xdg").exists()
     assert not (home / "data").exists()
     # Printed verbatim (no re-wrapping to the terminal width), so it can be copied.
@@ -226,7 +233,7 @@ def test_cli_install_and_uninstall_user(home, tmp_path, monkeypatch, exe):
     assert "OnCalendar=*:0/5" in (dest / "milton-ingest.timer").read_text()
     assert "warning" in result.output
     assert "systemctl --user daemon-reload" in result.output
-    assert "systemctl --user enable --now milton-ingest.timer milton-train-anomaly.timer" in result.output
+    assert "systemctl --user enable --now milton-ingest.timer milton-train-anomaly.timer milton-ingest-documents.timer milton-compress-memory.timer" in result.output
     assert "loginctl enable-linger" in result.output
     assert (home / "data").is_dir() and (home / "checkpoints").is_dir()
 

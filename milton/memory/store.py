@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import sqlite_utils
 
 from milton.core.errors import InputError
@@ -123,11 +124,13 @@ def add_memories(
     *,
     progress: bool = False,
     in_transaction: bool = False,
+    vectors: np.ndarray | None = None,
 ) -> list[int | None]:
     """Insert memories with their vectors; a duplicate (same tier and text) gives None.
 
-    With ``in_transaction`` the caller already holds a transaction (and has embedded nothing
-    slow inside it); otherwise the insert is one transaction of its own.
+    With ``in_transaction`` the caller already holds a transaction; pass ``vectors`` (one row
+    per item, from ``embedder.encode``) computed before it opened, so no encoding runs while
+    the write lock is held. Otherwise the insert is one transaction of its own.
     """
     for item in items:
         _validate(item)
@@ -143,7 +146,12 @@ def add_memories(
         if key not in known and key not in seen:
             seen.add(key)
             todo.append(index)
-    vectors = embedder.encode([items[i].content for i in todo], progress=progress)
+    if vectors is not None:
+        if len(vectors) != len(items):
+            raise ValueError("vectors: one row per item expected")
+        vectors = vectors[todo]
+    else:
+        vectors = embedder.encode([items[i].content for i in todo], progress=progress)
     ids: list[int | None] = [None] * len(items)
     ts_now = now.timestamp()
 

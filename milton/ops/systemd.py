@@ -24,13 +24,18 @@ from milton.core.config import Settings
 from milton.core.errors import InputError, MiltonError
 
 MODES = ("user", "system")
-TIMERS = ("milton-ingest.timer", "milton-train-anomaly.timer")
+TIMERS = ("milton-ingest.timer", "milton-train-anomaly.timer", "milton-ingest-documents.timer",
+          "milton-compress-memory.timer")
 SERVE = "milton-serve.service"
 UNITS = (
     "milton-ingest.service",
     "milton-ingest.timer",
     "milton-train-anomaly.service",
     "milton-train-anomaly.timer",
+    "milton-ingest-documents.service",
+    "milton-ingest-documents.timer",
+    "milton-compress-memory.service",
+    "milton-compress-memory.timer",
     SERVE,
 )
 LINGER_NOTE = (
