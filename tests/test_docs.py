@@ -11,6 +11,15 @@ def test_cli_reference_is_current():
     assert (ROOT / "docs" / "cli.md").read_text() == render_cli_reference(), "run `make docs`"
 
 
+def test_cli_reference_covers_every_subcommand():
+    """Every command and sub-command has its own page (nested groups included)."""
+    text = render_cli_reference()
+    for page in ("milton ingest processes", "milton ingest conversations", "milton memory search",
+                 "milton memory tasks add", "milton sessions export", "milton systemd install",
+                 "milton models rollback", "milton compress-memory"):
+        assert f"\n## {page}\n" in text, page
+
+
 def test_config_toml_documents_every_setting_with_its_default():
     text = (ROOT / "config.toml").read_text()
     assert text == render_default_config(), "run `make docs`"

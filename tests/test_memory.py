@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from memory_fixture import CONVERSATIONS, QUESTIONS, distractors

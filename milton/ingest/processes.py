@@ -14,7 +14,7 @@ import json
 import math
 import socket
 import sqlite3
-import sys
+
 import time
 import uuid
 from collections import Counter

@@ -138,7 +138,7 @@ def plan_compression(db: sqlite_utils.Database, embedder: Embedder, config: Memo
                           texts=texts, created=max(m["created"] for m in members),
                           tags=tags, source_messages=sources)
             group.label = ", ".join(_keywords(texts)) or "conversation"
-            budget = int(min(1500, max(300, 0.5 * sum(len(t) for t in texts))))
+            budget = int(min(1500, max(400, 0.6 * sum(len(t) for t in texts))))
             try:
                 group.summary = summarizer.summarize(texts, budget)
                 group.importance = summarizer.importance(texts)
@@ -202,7 +202,17 @@ def compress_memory_job(dry_run: bool = False,
     def job(ctx: JobContext) -> dict[str, Any]:
         cfg = ctx.settings.memory
         embedder = get_embedder(cfg.embedding_model, cfg.embedding_batch_size)
+        swept: dict[str, Any] = {}
+        if not dry_run:
+            # Sessions a crashed or idle server left open hold exchanges not yet in memory.
+            from milton.memory.sessions import expire_idle_sessions, pending_sessions, process_sessions
+
+            ended = expire_idle_sessions(ctx.db, cfg.session_idle_minutes, ctx.now)
+            done = process_sessions(ctx.db, embedder, pending_sessions(ctx.db), ctx.now,
+                                    ctx.settings.logs_dir)
+            swept = {"sessions_ended": len(ended), "sessions_processed": len(done)}
         plan, metrics = compress_memory(ctx.db, embedder, cfg, ctx.now, dry_run=dry_run)
+        metrics.update(swept)
         if on_plan is not None:
             on_plan(plan)
         ctx.log("compressed", **metrics)

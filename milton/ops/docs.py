@@ -16,6 +16,8 @@ def _format_toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_format_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 
@@ -39,15 +41,18 @@ def render_default_config() -> str:
         for key, field in model.model_fields.items():  # type: ignore[union-attr]
             if field.description:
                 lines.append(f"# {field.description}")
-            lines.append(f"{key} = {_format_toml_value(field.default)}")
+            lines.append(f"{key} = {_format_toml_value(field.get_default(call_default_factory=True))}")
     return "\n".join(lines) + "\n"
 
 
 def _walk(command: click.Command, path: list[str], ctx: click.Context | None) -> list[tuple[list[str], str]]:
-    with click.Context(command, info_name=" ".join(path), parent=ctx, terminal_width=100,
-                       max_content_width=100) as sub:
+    # Duck-typed: newer typer vendors click (typer._click), whose classes are not the
+    # standalone package's, so isinstance(command, click.Group) was False and only the top
+    # page was rendered.
+    with command.context_class(command, info_name=" ".join(path), parent=ctx, terminal_width=100,
+                               max_content_width=100) as sub:
         pages = [(path, command.get_help(sub))]
-        if isinstance(command, click.Group):
+        if hasattr(command, "list_commands"):
             for name in command.list_commands(sub):
                 child = command.get_command(sub, name)
                 if child is not None and not child.hidden:
