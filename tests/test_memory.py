@@ -235,3 +235,14 @@ def test_memory_cli(cli):
     assert json.loads(out)["tiers"]["long"] == 1
     rc, out, err = cli("memory", "delete", "1")
     assert rc == 0 and "Deleted 1 memory" in out
+    chat = {"messages": [{"role": "user", "content": "Briefly: how do I squash commits in git?"},
+                         {"role": "assistant", "content": "git rebase -i HEAD~3"},
+                         {"role": "user", "content": "Keep it short, and git push after?"},
+                         {"role": "assistant", "content": "git push --force-with-lease"}]}
+    rc, out, err = cli("ingest", "conversations", "-", input=json.dumps(chat) + "\n")
+    assert rc == 0, err
+    rc, out, err = cli("memory", "preferences", "--json")
+    prefs = {(p["key"], p["value"]): p["evidence"] for p in json.loads(out)}
+    assert prefs[("response_style", "concise")] == 2 and prefs[("tool", "git")] == 2
+    rc, out, err = cli("memory", "context", "squash my commits")
+    assert "git rebase -i HEAD~3" in out and "response style: concise" in out

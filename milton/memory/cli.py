@@ -218,7 +218,29 @@ def context_cmd(
     with _store() as db:
         block = build_context(db, _embedder(), query, _cli().State.settings().memory, _now(now),
                               budget_tokens=budget, mark_used=False)
-    _cli().out.print(block or "(no relevant memories)", markup=False, highlight=False)
+    import sys
+
+    sys.stdout.write((block or "(no relevant memories)") + "\n")  # verbatim: never re-wrapped
+
+
+@memory_app.command("preferences")
+def preferences_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False) -> None:
+    """Preferences detected in sessions (style, code examples, languages, tools) with evidence."""
+    cli = _cli()
+    with _store() as db:
+        rows = [dict(r) for r in db.query(
+            "select key, value, evidence, sessions, first_seen, last_seen from preferences "
+            "order by evidence desc, key, value")]
+    if as_json:
+        cli._print_json(rows)
+        return
+    table = Table()
+    for col in ("preference", "value", "evidence", "sessions", "last seen"):
+        table.add_column(col)
+    when = _now(None)
+    for r in rows:
+        table.add_row(r["key"], r["value"], str(r["evidence"]), str(r["sessions"]), _age(r["last_seen"], when))
+    cli.out.print(table)
 
 
 @tasks_app.command("add")
