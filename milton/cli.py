@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -83,6 +85,19 @@ def _now(value: Optional[str]):
 
 def _print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def open_cli_store() -> Iterator[Any]:
+    """The configured store for a command that reads or writes outside the job runner."""
+    from milton.core.store import open_store
+
+    settings = State.settings()
+    db = open_store(settings.db_path, settings.store.busy_timeout_ms)
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 def _job(name: str, fn, now: Optional[str], *, json_output: bool = False) -> dict[str, Any]:

@@ -87,3 +87,21 @@ def assert_clean_error(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The packaged all-MiniLM-L6-v2, loaded once for the whole run (it takes seconds)."""
+    from milton.memory.embed import get_embedder
+
+    return get_embedder()
+
+
+@pytest.fixture
+def memory_db(milton_home: Path):
+    """The default store of this test's MILTON_HOME, opened (and migrated) directly."""
+    from milton.core.store import open_store
+
+    store = open_store(milton_home / "data" / "milton.db")
+    yield store
+    store.close()

@@ -14,7 +14,6 @@ from milton.core.timeutil import parse_timestamp
 from milton.memory import compress as compress_mod
 from milton.memory.compress import compress_memory, group_exchanges
 from milton.memory.conversations import ingest_conversations
-from milton.memory.embed import get_embedder
 from milton.memory.search import search
 from milton.memory.sessions import process_sessions
 from milton.memory.store import NewMemory, add_memories, add_task, list_tasks, update_task
@@ -22,11 +21,6 @@ from milton.memory.summarize import ExtractiveSummarizer
 
 NOW = parse_timestamp("2026-06-01T12:00:00Z")
 CFG = MemoryConfig()
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return get_embedder()
 
 
 def dump(db) -> list[tuple]:

@@ -21,23 +21,15 @@ from milton.memory.conversations import (
     ingest_conversations,
     parse_record,
 )
-from milton.memory.embed import get_embedder
 from milton.memory.sessions import export_sessions, pending_sessions, process_sessions
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 TABLES = ("sessions", "messages", "memories", "memory_vectors", "preferences", "counters")
 
 
-@pytest.fixture(scope="module")
-def embedder():
-    return get_embedder()
-
-
 @pytest.fixture
-def db(milton_home: Path):
-    store = open_store(milton_home / "data" / "milton.db")
-    yield store
-    store.close()
+def db(memory_db):
+    return memory_db
 
 
 def ingest(db, path, *, strict: bool = False, now: datetime = NOW):

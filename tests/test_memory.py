@@ -13,7 +13,6 @@ from milton.core.errors import InputError
 from milton.core.store import open_store
 from milton.core.timeutil import parse_timestamp
 from milton.memory.context import build_context, estimate_tokens, humanize_age
-from milton.memory.embed import get_embedder
 from milton.memory.search import fts_query, search
 from milton.memory.store import (NewMemory, add_memories, add_memory, add_task, delete_memories,
                                  get_memory, list_memories, list_tasks, memory_stats, reembed,
@@ -22,11 +21,6 @@ from milton.memory.summarize import ExtractiveSummarizer, heuristic_importance
 
 NOW = parse_timestamp("2026-06-01T12:00:00Z")
 CFG = MemoryConfig()
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return get_embedder()
 
 
 @pytest.fixture

@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import threading
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
 from milton.core.config import MemoryConfig, load_settings
 from milton.core.errors import InputError
 from milton.core.jobs import run_job
-from milton.core.store import open_store
-from milton.memory.embed import get_embedder
 from milton.memory.jobs import end_idle_sessions_job
 from milton.memory.search import search
 from milton.memory.store import normalize_tags
@@ -29,16 +26,9 @@ from milton.memory.sessions import (
 T0 = datetime(2024, 6, 1, 9, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture(scope="module")
-def embedder():
-    return get_embedder()
-
-
 @pytest.fixture
-def db(milton_home: Path):
-    store = open_store(milton_home / "data" / "milton.db")
-    yield store
-    store.close()
+def db(memory_db):
+    return memory_db
 
 
 class Clock:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from datetime import datetime
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -25,16 +24,8 @@ def _cli():
     return cli
 
 
-@contextmanager
-def _store() -> Iterator:
-    from milton.core.store import open_store
-
-    settings = _cli().State.settings()
-    db = open_store(settings.db_path, settings.store.busy_timeout_ms)
-    try:
-        yield db
-    finally:
-        db.close()
+def _store():
+    return _cli().open_cli_store()
 
 
 def _embedder():

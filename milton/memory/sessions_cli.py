@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Annotated, Any, Optional
 
@@ -20,16 +18,8 @@ def _cli():
     return cli
 
 
-@contextmanager
-def _store() -> Iterator[Any]:
-    from milton.core.store import open_store
-
-    settings = _cli().State.settings()
-    db = open_store(settings.db_path, settings.store.busy_timeout_ms)
-    try:
-        yield db
-    finally:
-        db.close()
+def _store():
+    return _cli().open_cli_store()
 
 
 def _say(console: Any, text: str) -> None:
