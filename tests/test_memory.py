@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import numpy as np
 import pytest
 
 from memory_fixture import CONVERSATIONS, QUESTIONS, distractors
@@ -240,3 +241,35 @@ def test_memory_cli(cli):
     assert prefs[("response_style", "concise")] == 2 and prefs[("tool", "git")] == 2
     rc, out, err = cli("memory", "context", "squash my commits")
     assert "git rebase -i HEAD~3" in out and "response style: concise" in out
+
+
+def test_common_terms_are_dropped_or_anded(db, embedder, monkeypatch):
+    """A word in most memories costs bm25 on all of them and ranks nothing: it is left out,
+    unless it is all the query has, then common words narrow each other (AND)."""
+    import milton.memory.search as search_mod
+
+    monkeypatch.setattr(search_mod, "COMMON_MIN_DOCS", 3)
+    monkeypatch.setattr(search_mod, "COMMON_FRACTION", 0.0)
+    texts = [f"The wifi password for room {i} is secret-{i}" for i in range(8)]
+    texts += ["The printer in room 4 jams on glossy paper", "Guest wifi has no password at all"]
+    add_memories(db, embedder, [NewMemory(t) for t in texts], NOW)
+    assert search_mod.common_terms(db, "wifi password printing") == {"wifi", "password"}
+    assert fts_query("wifi password printing", frozenset({"wifi", "password"})) == '"printing"'
+    assert fts_query("wifi password", frozenset({"wifi", "password"})) == '"wifi" AND "password"'
+    hits = search_mod.keyword_top(db, "wifi password jams", 5)
+    assert len(hits) == 1 and "printer" in get_memory(db, hits[0][0]).content  # "jams" only
+    both = {get_memory(db, i).content for i, _ in search_mod.keyword_top(db, "wifi password", 20)}
+    assert len(both) == 9 and not any("printer" in t for t in both)
+
+
+def test_index_loads_in_chunks(db, embedder, monkeypatch):
+    import milton.memory.search as search_mod
+
+    monkeypatch.setattr(search_mod, "LOAD_CHUNK", 2)
+    texts = [f"Locker {i} holds the {thing}" for i, thing in
+             enumerate(["tent", "stove", "rope", "lantern", "kayak"])]
+    ids = add_memories(db, embedder, [NewMemory(t) for t in texts], NOW)
+    index = search_mod.vector_index(db, embedder.name, embedder.dim)
+    assert index.size == 5 and index.ids[:5].tolist() == ids
+    assert np.allclose(index.matrix[:5], embedder.encode(texts), atol=1e-5)
+    assert search(db, embedder, "boat", CFG, NOW, k=1, mode="vector")[0].memory.content.endswith("kayak")

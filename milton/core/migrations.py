@@ -235,3 +235,10 @@ def m004_memory(db: sqlite_utils.Database) -> None:
     )
     # Cumulative counters (sessions, messages, memories, fine-tunes): never decrease.
     db.execute("create table counters (name text primary key, value integer not null default 0)")
+
+
+@migration
+def m005_memories_fts_vocab(db: sqlite_utils.Database) -> None:
+    # Document frequency per (stemmed) term, so search can drop terms too common to rank by:
+    # OR-ing "password" over 100k memories costs bm25 on tens of thousands of rows.
+    db.execute("create virtual table memories_fts_vocab using fts5vocab('memories_fts', 'row')")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,6 +55,9 @@ class Hit:
                 "vector_rank": self.vector_rank, "keyword_rank": self.keyword_rank}
 
 
+LOAD_CHUNK = 50_000
+
+
 class VectorIndex:
     """One model's vectors as a contiguous float32 matrix, with tier and creation time beside it."""
 
@@ -73,13 +77,16 @@ class VectorIndex:
             epoch = db.execute("select deletions from memory_epoch").fetchone()[0]
             if epoch != self.epoch:
                 self.size, self.max_id, self.epoch = 0, 0, epoch
-            rows = db.execute(
-                "select v.memory_id, v.vector, m.tier, m.created from memory_vectors v "
-                "join memories m on m.id = v.memory_id "
-                "where v.model = ? and v.dim = ? and v.memory_id > ? order by v.memory_id",
-                (self.model, self.dim, self.max_id),
-            ).fetchall()
-            if rows:
+            # In chunks: one fetchall of 1M blobs held three copies (+4.4 GB peak vs +1.7 GB).
+            while True:
+                rows = db.execute(
+                    "select v.memory_id, v.vector, m.tier, m.created from memory_vectors v "
+                    "join memories m on m.id = v.memory_id "
+                    "where v.model = ? and v.dim = ? and v.memory_id > ? order by v.memory_id limit ?",
+                    (self.model, self.dim, self.max_id, LOAD_CHUNK),
+                ).fetchall()
+                if not rows:
+                    return
                 self._append(rows)
 
     def _append(self, rows: list[tuple]) -> None:
@@ -152,39 +159,93 @@ def _db_key(db: sqlite_utils.Database) -> str:
 
 
 _IDENTIFIER = re.compile(r"\w+(?:[-_.:/@#]\w+)+")
+COMMON_MIN_DOCS = 1000  # a word in more memories than this and than COMMON_FRACTION of them ...
+COMMON_FRACTION = 0.02  # ... is "common": it only narrows (AND) when no rarer term is given
 
 
-def fts_query(text: str) -> str | None:
-    """Terms OR-ed, each quoted (so user text can never be FTS5 syntax); stopwords dropped.
-
-    Identifiers such as ``ERR-4471`` or ``zephyr-07`` become phrases: OR-ing their parts
-    would let every other ``ERR-nnnn`` match on "err" and bury the one asked for.
-    """
-    terms: list[str] = []
+def query_terms(text: str) -> list[tuple[str, bool]]:
+    """(term, is_phrase) for the keyword half: stopwords dropped, identifiers such as
+    ``ERR-4471`` kept as phrases (OR-ing their parts would let every ``ERR-nnnn`` match)."""
+    terms: list[tuple[str, bool]] = []
     for match in re.finditer(rf"{_IDENTIFIER.pattern}|\w+", text.lower()):
         parts = re.findall(r"\w+", match.group(0))
         if len(parts) > 1:
-            terms.append(" ".join(parts))
+            terms.append((" ".join(parts), True))
         elif len(parts[0]) > 1 and parts[0] not in _STOPWORDS:
-            terms.append(parts[0])
-    terms = list(dict.fromkeys(terms))[:32]
-    return " OR ".join(f'"{t}"' for t in terms) if terms else None
+            terms.append((parts[0], False))
+    return list(dict.fromkeys(terms))[:32]
+
+
+def fts_query(text: str, common: frozenset[str] = frozenset()) -> str | None:
+    """An FTS5 expression; every term quoted, so user text is never FTS5 syntax.
+
+    Terms are OR-ed; ``common`` ones are left out, unless nothing else is left, in which case
+    the (up to three) common terms are AND-ed: cheaper and more precise than OR-ing them.
+    """
+    terms = query_terms(text)
+    kept = [t for t, phrase in terms if phrase or t not in common]
+    if kept:
+        return " OR ".join(f'"{t}"' for t in kept)
+    if terms:
+        return " AND ".join(f'"{t}"' for t, _ in terms[:3])
+    return None
+
+
+class _Stemmer:
+    """Porter stems exactly as FTS5 makes them: a private in-memory FTS5 table (one per
+    process, locked) tokenises the words; the vocabulary table reads the stems back."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: sqlite3.Connection | None = None
+
+    def __call__(self, words: list[str]) -> dict[str, str]:
+        with self.lock:
+            if self.conn is None:
+                self.conn = sqlite3.connect(":memory:", check_same_thread=False)
+                self.conn.execute("create virtual table q using fts5(w, tokenize='porter unicode61')")
+                self.conn.execute("create virtual table qv using fts5vocab(q, 'instance')")
+            self.conn.execute("delete from q")
+            self.conn.executemany("insert into q (rowid, w) values (?, ?)", enumerate(words, 1))
+            stems = dict(self.conn.execute("select doc, term from qv"))
+        return {w: stems.get(i, w) for i, w in enumerate(words, 1)}
+
+
+_stem = _Stemmer()
+
+
+def common_terms(db: sqlite_utils.Database, text: str) -> frozenset[str]:
+    """Words of ``text`` found in too many memories to be worth ranking by (see COMMON_*)."""
+    words = [t for t, phrase in query_terms(text) if not phrase]
+    if not words:
+        return frozenset()
+    total = db.execute("select coalesce(max(id), 0) from memories").fetchone()[0]
+    cap = max(COMMON_MIN_DOCS, COMMON_FRACTION * total)
+    if total <= cap:
+        return frozenset()
+    common = set()
+    for word, stem in _stem(words).items():
+        row = db.execute("select doc from memories_fts_vocab where term = ?", [stem]).fetchone()
+        if row is not None and row[0] > cap:
+            common.add(word)
+    return frozenset(common)
 
 
 def keyword_top(db: sqlite_utils.Database, query: str, n: int, *, tier: str | None = None,
                 since: float | None = None, tag: str | None = None) -> list[tuple[int, float]]:
     """(memory id, bm25) best first; FTS5's bm25 is negative, more negative is better."""
-    match = fts_query(query)
+    match = fts_query(query, common_terms(db, query))
     if match is None:
         return []
     where, params = _filters(tier=tier, since=since, tag=tag, alias="m")
-    extra = (" and " + where[len("where "):]) if where else ""
-    rows = db.execute(
-        "select f.rowid, bm25(memories_fts) as score from memories_fts f "
-        f"join memories m on m.id = f.rowid where memories_fts match ?{extra} "
-        "order by score limit ?",
-        [match, *params, n],
-    ).fetchall()
+    if where:
+        sql = ("select f.rowid, bm25(memories_fts) as score from memories_fts f "
+               f"join memories m on m.id = f.rowid where memories_fts match ? and {where[6:]} "
+               "order by score limit ?")
+    else:  # no join: one lookup in memories per match would dominate (100k p95 17.8 -> 12.4 ms)
+        sql = ("select rowid, bm25(memories_fts) as score from memories_fts "
+               "where memories_fts match ? order by score limit ?")
+    rows = db.execute(sql, [match, *params, n]).fetchall()
     return [(r[0], float(r[1])) for r in rows]
 
 
@@ -290,8 +351,7 @@ def search(
 
 
 def _default_model(db: sqlite_utils.Database) -> tuple[str, int]:
-    row = db.execute("select model, dim from memory_vectors group by model, dim "
-                     "order by count(*) desc limit 1").fetchone()
+    row = db.execute("select model, dim from memory_vectors order by memory_id desc limit 1").fetchone()
     if row is None:
         return "none", 0
     return row[0], row[1]
