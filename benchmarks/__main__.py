@@ -78,7 +78,7 @@ def fmt(value: Any, unit: str = "") -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmarks for the process-anomaly pillar. Results go to benchmarks/results/.",
+        description="Milton benchmarks (anomaly and memory pillars). Results go to benchmarks/results/.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes (smoke test; well under a minute in total)")
