@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import assert_clean_error
 
-from milton.core.store import open_store
 from milton.memory.documents import chunk_text, ingest_documents, sections
-from milton.memory.embed import get_embedder
 
 NOW = datetime(2024, 6, 1, tzinfo=timezone.utc)
 GUIDE = """Milton keeps everything in one SQLite file.
@@ -47,21 +44,15 @@ class CountingEmbedder:
         return self.real.encode(texts)
 
 
-@pytest.fixture(scope="module")
-def real_embedder():
-    return get_embedder()
+@pytest.fixture
+def embedder(embedder) -> CountingEmbedder:
+    """conftest's real embedder, counting what it is asked to encode."""
+    return CountingEmbedder(embedder)
 
 
 @pytest.fixture
-def embedder(real_embedder) -> CountingEmbedder:
-    return CountingEmbedder(real_embedder)
-
-
-@pytest.fixture
-def db(milton_home: Path):
-    store = open_store(milton_home / "data" / "milton.db")
-    yield store
-    store.close()
+def db(memory_db):
+    return memory_db
 
 
 def knowledge(db) -> dict[str, int]:

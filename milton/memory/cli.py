@@ -29,10 +29,9 @@ def _store():
 
 
 def _embedder():
-    from milton.memory.embed import get_embedder
+    from milton.memory.embed import embedder_for
 
-    cfg = _cli().State.settings().memory
-    return get_embedder(cfg.embedding_model, cfg.embedding_batch_size)
+    return embedder_for(_cli().State.settings().memory)
 
 
 def _since(value: Optional[str]) -> Optional[float]:
@@ -64,7 +63,7 @@ def search_cmd(
 ) -> None:
     """Hybrid search (vectors + keywords), ranked by relevance, recency and importance."""
     from milton.core.errors import InputError
-    from milton.memory.search import MODES, hits_json, search
+    from milton.memory.search import MODES, search
 
     if mode not in MODES:
         raise InputError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")
@@ -74,7 +73,7 @@ def search_cmd(
         hits = search(db, _embedder(), query, cli.State.settings().memory, when, k=k, tier=tier,
                       since=_since(since), tag=tag, mode=mode)
     if as_json:
-        cli._print_json(hits_json(hits))
+        cli._print_json([h.as_dict() for h in hits])
         return
     if not hits:
         cli.out.print("No matching memories.")

@@ -21,9 +21,9 @@ import sqlite_utils
 
 from milton.core.config import MemoryConfig
 from milton.core.jobs import JobContext
-from milton.memory.embed import Embedder, from_blob, get_embedder
+from milton.memory.embed import Embedder, embedder_for, from_blob
 from milton.memory.search import _STOPWORDS
-from milton.memory.store import NewMemory, add_memories, completed_task_ids, delete_memories
+from milton.memory.store import NewMemory, add_prepared, completed_task_ids, delete_memories, embed_new
 from milton.memory.summarize import ExtractiveSummarizer, Summarizer, choose_summarizer
 
 SIMILAR = 0.45  # cosine to a group's centroid to join it (MiniLM: same-topic pairs ~0.5+)
@@ -168,9 +168,9 @@ def apply_plan(db: sqlite_utils.Database, embedder: Embedder, plan: Plan, now: d
                        tags=[*g.label.split(", "), *g.tags][:8], created=g.created,
                        session_id=g.session_id, source="compress-memory",
                        source_messages=g.source_messages) for g in written]
-    vectors = embedder.encode([i.content for i in items])  # before the write lock
+    vectors = embed_new(db, embedder, items)  # before the write lock; known summaries skipped
     with db.atomic():
-        ids = add_memories(db, embedder, items, now, in_transaction=True, vectors=vectors)
+        ids = add_prepared(db, embedder, items, vectors, now)
         short_ids = [i for g in plan.groups for i in g.memory_ids]
         removed = delete_memories(db, short_ids)
         pruned = delete_memories(db, plan.prune_ids)
@@ -201,7 +201,7 @@ def compress_memory_job(dry_run: bool = False,
                         on_plan: Callable[[Plan], None] | None = None) -> Callable[[JobContext], dict[str, Any]]:
     def job(ctx: JobContext) -> dict[str, Any]:
         cfg = ctx.settings.memory
-        embedder = get_embedder(cfg.embedding_model, cfg.embedding_batch_size)
+        embedder = embedder_for(cfg)
         swept: dict[str, Any] = {}
         if not dry_run:
             # Sessions a crashed or idle server left open hold exchanges not yet in memory.

@@ -23,8 +23,7 @@ import sqlite_utils
 
 from milton.memory.conversations import collect_files
 from milton.memory.embed import Embedder
-from milton.memory.sessions import add_prepared, embed_new
-from milton.memory.store import NewMemory, content_hash
+from milton.memory.store import NewMemory, add_prepared, content_hash, delete_memories, embed_new
 
 SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 FLUSH_CHUNKS = 1024  # chunks embedded together before their files are written
@@ -227,10 +226,7 @@ def _flush(db: sqlite_utils.Database, embedder: Embedder, docs: list[_Doc], now:
             wanted = {content_hash(i.content) for i in doc.items}
             todo = [i for i in doc.items if content_hash(i.content) not in have]
             ids = add_prepared(db, embedder, todo, vectors, now)
-            stale = [memory_id for digest, memory_id in have.items() if digest not in wanted]
-            for start in range(0, len(stale), 500):
-                part = stale[start:start + 500]
-                db.conn.execute(f"delete from memories where id in ({','.join('?' * len(part))})", part)
+            removed = delete_memories(db, [m for digest, m in have.items() if digest not in wanted])
             db.conn.execute(
                 "insert into documents (path, sha256, size, chunks, ingested) values (?, ?, ?, ?, ?) "
                 "on conflict (path) do update set sha256 = excluded.sha256, size = excluded.size, "
@@ -238,7 +234,7 @@ def _flush(db: sqlite_utils.Database, embedder: Embedder, docs: list[_Doc], now:
                 (doc.path, doc.sha256, doc.size, len(wanted), now.timestamp()))
         report.chunks_added += sum(1 for i in ids if i is not None)
         report.chunks_shared += len({content_hash(t.content) for t, i in zip(todo, ids) if i is None})
-        report.chunks_removed += len(stale)
+        report.chunks_removed += removed
         if doc.new:
             report.new += 1
         else:

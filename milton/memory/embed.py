@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from milton.core.config import MemoryConfig
 from milton.core.errors import ConfigError
 
 PACKAGED_NAME = "all-MiniLM-L6-v2"
@@ -118,6 +119,11 @@ def get_embedder(spec: str = "", batch_size: int = 64) -> Embedder:
     """The process-wide embedder for a model spec (loading takes seconds; do it once)."""
     name, path = resolve_model(spec)
     return _load(name, str(path), batch_size)
+
+
+def embedder_for(config: MemoryConfig) -> Embedder:
+    """The embedder ``memory.embedding_model`` and ``memory.embedding_batch_size`` name."""
+    return get_embedder(config.embedding_model, config.embedding_batch_size)
 
 
 def to_blob(vector: np.ndarray) -> bytes:

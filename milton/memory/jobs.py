@@ -15,7 +15,7 @@ import numpy as np
 from milton.core.config import Settings
 from milton.core.errors import InputError
 from milton.core.jobs import JobContext, Skip
-from milton.memory.embed import Embedder, get_embedder
+from milton.memory.embed import Embedder, embedder_for
 
 Job = Callable[[JobContext], dict[str, Any]]
 
@@ -33,8 +33,7 @@ class LazyEmbedder:
 
     def _get(self) -> Embedder:
         if self._model is None:
-            cfg = self._settings.memory
-            self._model = get_embedder(cfg.embedding_model, cfg.embedding_batch_size)
+            self._model = embedder_for(self._settings.memory)
         return self._model
 
     @property

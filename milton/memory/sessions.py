@@ -27,7 +27,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import sqlite_utils
 
 from milton.core.config import MemoryConfig
@@ -36,7 +35,7 @@ from milton.core.jobs import append_master_log
 from milton.core.timeutil import iso, utcnow
 from milton.memory.embed import Embedder
 from milton.memory.search import _STOPWORDS
-from milton.memory.store import NewMemory, add_memories, bump, content_hash, existing_hashes
+from milton.memory.store import NewMemory, add_prepared, bump, new_texts
 
 log = logging.getLogger("milton.sessions")
 
@@ -346,47 +345,6 @@ def _plan(db: sqlite_utils.Database, session_id: str) -> _Plan | None:
                             source_messages=e.message_ids, created=e.ts, tags=topics[:TOP_TOPICS])
                   for e in exchanges]
     return plan
-
-
-def new_texts(db: sqlite_utils.Database, items: Sequence[NewMemory]) -> dict[tuple[str, str], str]:
-    """(tier, content hash) -> text of the items not stored yet."""
-    todo: dict[tuple[str, str], str] = {}
-    for tier in sorted({i.tier for i in items}):
-        tier_items = [i for i in items if i.tier == tier]
-        hashes = [content_hash(i.content) for i in tier_items]
-        stored = existing_hashes(db, tier, hashes)
-        for item, digest in zip(tier_items, hashes):
-            if digest not in stored:
-                todo.setdefault((tier, digest), item.content)
-    return todo
-
-
-def embed_new(db: sqlite_utils.Database, embedder: Embedder, items: Sequence[NewMemory], *,
-              progress: bool = False) -> dict[tuple[str, str], np.ndarray]:
-    """Vectors for the items not stored yet, keyed by (tier, content hash), computed before any
-    transaction opens so the write lock is never held while the model runs."""
-    todo = new_texts(db, items)
-    return dict(zip(todo, embedder.encode(list(todo.values()), progress=progress)))
-
-
-def add_prepared(db: sqlite_utils.Database, embedder: Embedder, items: Sequence[NewMemory],
-                 vectors: dict[tuple[str, str], np.ndarray], now: datetime) -> list[int | None]:
-    """``add_memories`` inside the caller's transaction with vectors from :func:`embed_new`.
-
-    An item that became new meanwhile (a concurrent delete) is embedded here: rare and small.
-    """
-    if not items:
-        return []
-    keys = [(i.tier, content_hash(i.content)) for i in items]
-    late = [i for i, key in enumerate(keys) if key not in vectors]
-    if late:
-        late = [i for i in late if not existing_hashes(db, keys[i][0], [keys[i][1]])]
-        for i, vector in zip(late, embedder.encode([items[i].content for i in late])):
-            vectors[keys[i]] = vector
-    dim = next(iter(vectors.values())).shape[0] if vectors else 1
-    zero = np.zeros(dim, dtype=np.float32)  # rows of duplicates: never written
-    matrix = np.stack([vectors.get(key, zero) for key in keys])
-    return add_memories(db, embedder, items, now, in_transaction=True, vectors=matrix)
 
 
 def _write_logs(logs_dir: Path, summary: SessionSummary, now: datetime, started: datetime) -> None:

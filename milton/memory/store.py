@@ -135,16 +135,10 @@ def add_memories(
     for item in items:
         _validate(item)
     hashes = [content_hash(item.content) for item in items]
-    known: set[tuple[str, str]] = set()
-    for tier in {item.tier for item in items}:
-        tier_hashes = [h for h, item in zip(hashes, items) if item.tier == tier]
-        known.update((tier, h) for h in existing_hashes(db, tier, tier_hashes))
-    todo: list[int] = []
-    seen: set[tuple[str, str]] = set()
+    pending = new_texts(db, items)
+    todo: list[int] = []  # first item of each (tier, hash) not stored yet
     for index, (item, digest) in enumerate(zip(items, hashes)):
-        key = (item.tier, digest)
-        if key not in known and key not in seen:
-            seen.add(key)
+        if pending.pop((item.tier, digest), None) is not None:
             todo.append(index)
     if vectors is not None:
         if len(vectors) != len(items):
@@ -188,6 +182,47 @@ def add_memories(
         with db.atomic():
             write()
     return ids
+
+
+def new_texts(db: sqlite_utils.Database, items: Sequence[NewMemory]) -> dict[tuple[str, str], str]:
+    """(tier, content hash) -> text of the items not stored yet."""
+    todo: dict[tuple[str, str], str] = {}
+    for tier in sorted({i.tier for i in items}):
+        tier_items = [i for i in items if i.tier == tier]
+        hashes = [content_hash(i.content) for i in tier_items]
+        stored = existing_hashes(db, tier, hashes)
+        for item, digest in zip(tier_items, hashes):
+            if digest not in stored:
+                todo.setdefault((tier, digest), item.content)
+    return todo
+
+
+def embed_new(db: sqlite_utils.Database, embedder: Embedder, items: Sequence[NewMemory], *,
+              progress: bool = False) -> dict[tuple[str, str], np.ndarray]:
+    """Vectors for the items not stored yet, keyed by (tier, content hash), computed before any
+    transaction opens so the write lock is never held while the model runs."""
+    todo = new_texts(db, items)
+    return dict(zip(todo, embedder.encode(list(todo.values()), progress=progress)))
+
+
+def add_prepared(db: sqlite_utils.Database, embedder: Embedder, items: Sequence[NewMemory],
+                 vectors: dict[tuple[str, str], np.ndarray], now: datetime) -> list[int | None]:
+    """``add_memories`` inside the caller's transaction with vectors from :func:`embed_new`.
+
+    An item that became new meanwhile (a concurrent delete) is embedded here: rare and small.
+    """
+    if not items:
+        return []
+    keys = [(i.tier, content_hash(i.content)) for i in items]
+    late = [i for i, key in enumerate(keys) if key not in vectors]
+    if late:
+        late = [i for i in late if not existing_hashes(db, keys[i][0], [keys[i][1]])]
+        for i, vector in zip(late, embedder.encode([items[i].content for i in late])):
+            vectors[keys[i]] = vector
+    dim = next(iter(vectors.values())).shape[0] if vectors else 1
+    zero = np.zeros(dim, dtype=np.float32)  # rows of duplicates: never written
+    matrix = np.stack([vectors.get(key, zero) for key in keys])
+    return add_memories(db, embedder, items, now, in_transaction=True, vectors=matrix)
 
 
 def add_memory(db: sqlite_utils.Database, embedder: Embedder, item: NewMemory,
@@ -322,26 +357,15 @@ def add_task(db: sqlite_utils.Database, embedder: Embedder, title: str, now: dat
             raise InputError(f"--depends-on: task {dep} does not exist")
     item = NewMemory(content=title, tier="working", category=type, importance=importance,
                      tags=list(tags), session_id=session_id, source="task")
-    vectors = embedder.encode([title])
+    vectors = embedder.encode([title])  # before the write lock
     with db.atomic():
-        if existing_hashes(db, "working", [content_hash(title)]):
+        (task_id,) = add_memories(db, embedder, [item], now, in_transaction=True, vectors=vectors)
+        if task_id is None:
             raise InputError(f"task already exists: {title!r}")
-        cursor = db.conn.execute(
-            "insert into memories (tier, category, content, importance, tags, created, last_accessed, "
-            "session_id, source, content_hash) values ('working', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (type, title.strip(), importance, json.dumps(normalize_tags(item.tags)),
-             now.timestamp(), now.timestamp(), session_id, "task", content_hash(title)),
-        )
-        task_id = int(cursor.lastrowid)
-        db.conn.execute(
-            "insert into memory_vectors (memory_id, model, dim, vector) values (?, ?, ?, ?)",
-            (task_id, embedder.name, embedder.dim, to_blob(vectors[0])),
-        )
         db.conn.execute(
             "insert into tasks (memory_id, type, status, depends_on, updated) values (?, ?, 'pending', ?, ?)",
             (task_id, type, json.dumps(list(depends_on)), now.timestamp()),
         )
-        bump(db, "memories")
     return task_id
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from milton.core.errors import ConfigError
 from milton.memory.embed import Embedder
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])|\n+")
@@ -173,23 +174,17 @@ def choose_summarizer(mode: str, llm_model: str, embedder: Embedder) -> tuple[Su
     except ImportError:
         why = "llama-cpp-python is not installed"
         if mode == "llm":
-            from milton.core.errors import ConfigError
-
             raise ConfigError(f"memory.summarizer = 'llm': {why}")
         return extractive, f"extractive ({why})"
     path = Path(llm_model).expanduser() if llm_model else packaged_gguf()
     if path is None or not path.is_file():
         why = f"no GGUF model ({llm_model or 'packaged Gemma 3 270M not installed'})"
         if mode == "llm":
-            from milton.core.errors import ConfigError
-
             raise ConfigError(f"memory.llm_model: {why}")
         return extractive, f"extractive ({why})"
     try:
         return LlamaSummarizer(path), f"llm ({path.name})"
     except Exception as exc:  # noqa: BLE001
         if mode == "llm":
-            from milton.core.errors import ConfigError
-
             raise ConfigError(f"memory.llm_model: cannot load {path}: {exc}") from None
         return extractive, f"extractive (cannot load {path.name}: {exc})"
