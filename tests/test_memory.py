@@ -8,6 +8,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
+from conftest import assert_clean_error
 from memory_fixture import CONVERSATIONS, QUESTIONS, distractors
 from milton.core.config import MemoryConfig
 from milton.core.errors import InputError
@@ -273,3 +274,20 @@ def test_index_loads_in_chunks(db, embedder, monkeypatch):
     assert index.size == 5 and index.ids[:5].tolist() == ids
     assert np.allclose(index.matrix[:5], embedder.encode(texts), atol=1e-5)
     assert search(db, embedder, "boat", CFG, NOW, k=1, mode="vector")[0].memory.content.endswith("kayak")
+
+
+def test_memory_cli_bad_input_is_one_line_and_writes_nothing(cli, db_rows):
+    cases = [
+        (("memory", "add", "   "), ["content: empty memory"]),
+        (("memory", "add", "x", "--tier", "working"), ["--tier", "memory tasks add"]),
+        (("memory", "search", "x", "--mode", "fuzzy"), ["--mode", "fuzzy"]),
+        (("memory", "search", "x", "--since", "last tuesday"), ["--since", "last tuesday"]),
+        (("memory", "show", "42"), ["memory 42: no such memory"]),
+        (("memory", "tasks", "update", "7", "--status", "done"), ["task 7: no such task"]),
+        (("memory", "tasks", "add", "ship it", "--depends-on", "9"), ["--depends-on: task 9 does not exist"]),
+    ]
+    for args, needles in cases:
+        rc, out, err = cli(*args)
+        assert rc == 2, (args, rc, err)
+        assert_clean_error(err, *needles)
+    assert db_rows("memories") == 0 and db_rows("tasks") == 0
