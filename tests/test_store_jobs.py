@@ -271,3 +271,53 @@ def test_unknown_command_and_bad_option_exit_2(cli):
     rc, out, err = cli("ingest", "processes", "--format", "xml")
     assert rc == 2
     assert_clean_error(err, "--format")
+
+
+def test_heavy_jobs_queue_on_the_shared_lock_instead_of_overlapping(settings):
+    """Two heavy jobs started together run one after the other, both ok."""
+    import threading
+    import time
+
+    spans: dict[str, tuple[float, float]] = {}
+
+    def work(name):
+        def fn(ctx):
+            t0 = time.monotonic()
+            time.sleep(0.6)
+            spans[name] = (t0, time.monotonic())
+        return fn
+
+    results = {}
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, run_job(n, work(n), settings)))
+               for n in ("compress-memory", "backup")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {r.status for r in results.values()} == {"ok"}
+    (a0, a1), (b0, b1) = sorted(spans.values())
+    assert b0 >= a1  # never at once
+
+
+def test_heavy_job_gives_up_as_busy_after_its_wait(settings, monkeypatch):
+    monkeypatch.setattr(settings.jobs, "heavy_wait_s", 0.3)
+    with job_lock(settings.locks_dir, "heavy"):
+        with pytest.raises(BusyError, match="after waiting"):
+            run_job("backup", lambda ctx: None, settings)
+    assert run_job("backup", lambda ctx: None, settings).status == "ok"
+
+
+def test_exclusive_store_access_names_the_holder(settings):
+    from milton.core.jobs import exclusive_store_access
+
+    # What serve holds while it runs.
+    with job_lock(settings.locks_dir, "store", shared=True), job_lock(settings.locks_dir, "serve"):
+        with pytest.raises(BusyError, match=r"serve \(pid \d+\)"):
+            with exclusive_store_access(settings):
+                pass
+        with exclusive_store_access(settings, force=True) as busy:
+            assert busy and busy[0].startswith("serve")
+    with exclusive_store_access(settings) as busy:
+        assert busy == []
+        with pytest.raises(BusyError):  # nothing can start meanwhile
+            run_job("ingest", lambda ctx: None, settings)

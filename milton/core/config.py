@@ -116,6 +116,17 @@ class ServeConfig(_Section):
     )
 
 
+class JobsConfig(_Section):
+    """How scheduled jobs share the machine."""
+
+    heavy_wait_s: float = Field(
+        default=4 * 3600.0,
+        ge=0,
+        description="How long a heavy job (train-lora, compress-memory, backup, evolve) waits "
+        "for another heavy job to finish before giving up as busy (exit 75).",
+    )
+
+
 class MemoryConfig(_Section):
     """Conversations, documents and the three memory tiers (short-term, working, long-term)."""
 
@@ -183,6 +194,7 @@ class Settings(BaseSettings):
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @field_validator("paths")
     @classmethod

@@ -1,12 +1,14 @@
 """The runner every scheduled command goes through.
 
-It gives each run: a non-blocking lock (a second copy exits 75), a ``job_runs`` row that is
+It gives each run: a non-blocking lock (a second copy exits 75), for heavy jobs a shared
+lock they queue on (so they never run at once), a ``job_runs`` row that is
 'running' while it works and ok/skipped/failed after, one JSON line in ``data/logs/jobs.jsonl``,
 and a :class:`JobContext` with the settings, store, logger and the (possibly replayed) ``now``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -62,24 +64,94 @@ class JobResult:
     duration_s: float = 0.0
 
 
+#: Jobs that compete for CPU, RAM and disk bandwidth: they queue on one shared lock instead
+#: of running at once (Sunday 02:00 has compress-memory and train-lora due together).
+RESOURCE_GROUPS: dict[str, str] = {
+    "train-lora": "heavy",
+    "compress-memory": "heavy",
+    "backup": "heavy",
+    "evolve": "heavy",
+}
+SERVE_LOCK = "serve"
+STORE_LOCK = "store"  # shared by every job and serve; exclusive for restore
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid else "another process"
+
+
 @contextmanager
-def job_lock(locks_dir: Path, name: str) -> Iterator[None]:
-    """flock-based: released by the kernel when the process dies, even on kill -9."""
+def job_lock(locks_dir: Path, name: str, *, wait_s: float = 0.0, poll_s: float = 0.5,
+             shared: bool = False) -> Iterator[None]:
+    """flock-based: released by the kernel when the process dies, even on kill -9.
+
+    ``wait_s`` > 0 queues behind the holder (polling, so the wait is bounded and logged);
+    0 fails at once with :class:`BusyError`. ``shared`` locks coexist with each other and
+    exclude only an exclusive holder (see :func:`exclusive_store_access`).
+    """
+    path = locks_dir / f"{name}.lock"
     try:
         locks_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise MiltonError(f"{locks_dir}: cannot create lock file: {exc.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BusyError(f"{name}: busy, skipped (another run holds {locks_dir / name}.lock)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    waited = f" after waiting {wait_s:.0f}s" if wait_s else ""
+                    who = "restore or another exclusive user" if shared else _lock_holder(path)
+                    raise BusyError(f"{name}: busy, skipped{waited} ({who} holds {path})") from None
+                time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)
+
+
+def _busy_names(locks_dir: Path) -> list[str]:
+    """Which named locks are held right now (a probe: take and release each)."""
+    busy = []
+    for path in sorted(locks_dir.glob("*.lock")) if locks_dir.is_dir() else []:
+        if path.stem == STORE_LOCK:
+            continue
+        try:
+            with job_lock(locks_dir, path.stem):
+                pass
+        except BusyError:
+            busy.append(f"{path.stem} ({_lock_holder(path)})")
+    return busy
+
+
+@contextmanager
+def exclusive_store_access(settings: Settings, *, force: bool = False) -> Iterator[list[str]]:
+    """The store to ourselves, for restore-like work: no job or serve runs, none can start.
+
+    Every job run and serve hold ``store.lock`` shared; this takes it exclusively. Raises
+    :class:`BusyError` naming the holders, unless ``force`` (then their names are yielded
+    and the caller proceeds without the lock).
+    """
+    locks_dir = settings.locks_dir
+    try:
+        with job_lock(locks_dir, STORE_LOCK):
+            yield []
+            return
+    except BusyError:
+        busy = _busy_names(locks_dir) or ["an unnamed process"]
+        if not force:
+            raise BusyError("the store is in use by " + ", ".join(busy)
+                            + "; stop serve and wait for jobs to finish, or use --force") from None
+    yield busy
 
 
 def append_master_log(logs_dir: Path, entry: dict[str, Any]) -> None:
@@ -129,8 +201,14 @@ def run_job(
 
     t0 = time.monotonic()
     own_db = db is None
+    group = RESOURCE_GROUPS.get(job)
     try:
-        with job_lock(settings.locks_dir, lock_name):
+        with contextlib.ExitStack() as held:
+            held.enter_context(job_lock(settings.locks_dir, STORE_LOCK, shared=True))
+            held.enter_context(job_lock(settings.locks_dir, lock_name))
+            if group:
+                held.enter_context(job_lock(settings.locks_dir, group,
+                                            wait_s=settings.jobs.heavy_wait_s))
             store = db or open_store(settings.db_path, settings.store.busy_timeout_ms)
             try:
                 # We hold the lock, so any 'running' row of this job belongs to a dead process.

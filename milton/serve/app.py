@@ -240,8 +240,13 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
 def run_server(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=host or settings.serve.host,
-                            port=settings.serve.port if port is None else port,
-                            log_config=None, access_log=False, timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run()
+    from milton.core.jobs import SERVE_LOCK, STORE_LOCK, job_lock
+
+    # Held while serving, so restore (and anything needing the store alone) can tell.
+    with job_lock(settings.locks_dir, STORE_LOCK, shared=True), \
+            job_lock(settings.locks_dir, SERVE_LOCK):
+        app = create_app(settings)
+        config = uvicorn.Config(app, host=host or settings.serve.host,
+                                port=settings.serve.port if port is None else port,
+                                log_config=None, access_log=False, timeout_graceful_shutdown=10)
+        uvicorn.Server(config).run()
