@@ -89,15 +89,20 @@ def _print_json(payload: Any) -> None:
 
 @contextlib.contextmanager
 def open_cli_store() -> Iterator[Any]:
-    """The configured store for a command that reads or writes outside the job runner."""
+    """The configured store for a command that reads or writes outside the job runner.
+
+    Holds ``store.lock`` shared like every job, so a restore never swaps the file under it.
+    """
+    from milton.core.jobs import STORE_LOCK, job_lock
     from milton.core.store import open_store
 
     settings = State.settings()
-    db = open_store(settings.db_path, settings.store.busy_timeout_ms)
-    try:
-        yield db
-    finally:
-        db.close()
+    with job_lock(settings.locks_dir, STORE_LOCK, shared=True):
+        db = open_store(settings.db_path, settings.store.busy_timeout_ms)
+        try:
+            yield db
+        finally:
+            db.close()
 
 
 def _job(name: str, fn, now: Optional[str], *, json_output: bool = False) -> dict[str, Any]:
@@ -308,6 +313,10 @@ def _register_optional() -> None:
     app.add_typer(systemd_app, name="systemd")
     memory_cli.register(app)
     __import__("milton.memory.sessions_cli", fromlist=["register"]).register(app, ingest_app)
+    __import__("milton.ops.backup_cli", fromlist=["register"]).register(app)
+    __import__("milton.ops.status_cli", fromlist=["register"]).register(app)
+    __import__("milton.ops.notify_cli", fromlist=["register"]).register(app)
+    __import__("milton.ops.schedule_cli", fromlist=["register"]).register(app)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -329,7 +338,8 @@ def main() -> None:
     """Console entry point: one-line errors, documented exit codes."""
     _register_optional()
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a typer.Exit's code instead of raising it.
+        code = app(standalone_mode=False)
     except MiltonError as exc:
         err.print(f"milton: error: {exc}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
@@ -344,4 +354,4 @@ def main() -> None:
             exc.show()
             sys.exit(EXIT_USAGE if isinstance(exc, usage_errors) else exc.exit_code)
         raise
-    sys.exit(0)
+    sys.exit(code if type(code) is int else 0)  # only an Exit code, never a stray return value

@@ -28,7 +28,10 @@ def test_config_toml_documents_every_setting_with_its_default():
     loaded = load_settings(ROOT / "config.toml", environ={})
     defaults = load_settings(environ={"MILTON_HOME": str(ROOT / "nonexistent")})
     assert defaults.config_file is None
-    assert loaded.settings.model_dump(exclude={"paths"}) == defaults.settings.model_dump(exclude={"paths"})
+    home_relative = {"paths": True, "backup": {"dir"}}  # resolved against paths.home
+    assert loaded.settings.model_dump(exclude=home_relative) == \
+        defaults.settings.model_dump(exclude=home_relative)
     assert loaded.settings.paths.home == ROOT  # a relative home is relative to the config file
+    assert loaded.settings.backup.dir == ROOT / "backups"
     assert all(src.startswith(str(ROOT / "config.toml")) for key, src in loaded.sources.items()
                if not key.startswith("paths."))

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from conftest import systemd_analyze
 from typer.testing import CliRunner
 
 import milton.cli
@@ -20,6 +21,13 @@ from milton.core.errors import InputError
 from milton.ops import systemd
 
 UNIT_NAMES = set(systemd.UNITS)
+JOBS = {"milton-ingest": "ingest processes", "milton-train-anomaly": "train-anomaly",
+        "milton-ingest-documents": "ingest documents", "milton-compress-memory": "compress-memory",
+        "milton-backup": "backup", "milton-check": "status --check"}
+CALENDARS = {"milton-ingest.timer": "*:0/5", "milton-train-anomaly.timer": "hourly",
+             "milton-ingest-documents.timer": "*-*-* 00/6:00:00",
+             "milton-compress-memory.timer": "Sun *-*-* 02:00:00",
+             "milton-backup.timer": "Sun *-*-* 03:00:00", "milton-check.timer": "*-*-* 09:00:00"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,15 +63,6 @@ def exe(tmp_path) -> str:
     return str(fake)
 
 
-def _analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("systemd-analyze is required in CI (install the systemd package)")
-    pytest.skip("systemd-analyze not installed")
-
-
 def _settings():
     return load_settings(None).settings
 
@@ -92,41 +91,68 @@ def test_template_dir_has_every_unit():
     assert {p.name for p in tdir.iterdir()} >= UNIT_NAMES
 
 
+def test_units_are_read_from_the_template_folder():
+    """Every shipped job is a .service/.timer pair; the constants follow the folder."""
+    assert set(systemd.TIMERS) == set(CALENDARS)
+    assert UNIT_NAMES == {*(f"{j}.service" for j in JOBS), *(f"{j}.timer" for j in JOBS),
+                          systemd.SERVE, systemd.NOTIFY_TEMPLATE}
+    assert set(systemd.job_services()) == {f"{j}.service" for j in JOBS}
+
+
+def test_dropping_in_a_template_pair_adds_a_job(tmp_path):
+    tdir = tmp_path / "templates"
+    shutil.copytree(systemd.template_dir(), tdir)
+    (tdir / "milton-evolve.service").write_text(
+        (tdir / "milton-backup.service").read_text().replace(" backup", " evolve"))
+    (tdir / "milton-evolve.timer").write_text(
+        (tdir / "milton-backup.timer").read_text().replace("Sun *-*-* 03:00:00", "*-*-01 03:00:00")
+        .replace("milton-backup.service", "milton-evolve.service"))
+    units, timers = systemd.template_names(tdir)
+    assert "milton-evolve.timer" in timers and "milton-evolve.service" in units
+    assert "milton-evolve.service" in systemd.job_services(tdir)
+
+
 def test_render_contents(home, exe):
     units = systemd.render_units(_settings(), exe=exe)
     assert set(units) == UNIT_NAMES
     for name, text in units.items():
         assert "{" not in text and "}" not in text, name
-    jobs = {"milton-ingest": "ingest processes", "milton-train-anomaly": "train-anomaly",
-            "milton-ingest-documents": "ingest documents", "milton-compress-memory": "compress-memory"}
-    for name in (f"{job}.service" for job in jobs):
+    for name in (*(f"{job}.service" for job in JOBS), systemd.NOTIFY_TEMPLATE):
         k = _keys(units[name])
         assert k["Type"] == ["oneshot"]
-        assert k["SuccessExitStatus"] == ["75"]
         assert k["NoNewPrivileges"] == ["yes"]
         assert k["ProtectSystem"] == ["strict"]
         assert k["PrivateTmp"] == ["yes"]
-        assert k["Nice"] == ["10"]
-        assert k["IOSchedulingClass"] == ["idle"]
-        assert k["CPUSchedulingPolicy"] == ["batch"]
         assert k["WorkingDirectory"] == [str(home.resolve())]
         assert k["Environment"] == [f'"MILTON_HOME={home.resolve()}"']
         rw = k["ReadWritePaths"][0]
         for sub in ("data", "checkpoints"):
             assert str(home.resolve() / sub) in rw
         assert k["ExecStart"][0].startswith(exe + " ")
-    for job, command in jobs.items():
+    for name in (f"{job}.service" for job in JOBS):
+        k = _keys(units[name])
+        assert k["SuccessExitStatus"] == ["75"]
+        assert k["Nice"] == ["10"]
+        assert k["IOSchedulingClass"] == ["idle"]
+        assert k["CPUSchedulingPolicy"] == ["batch"]
+    # Every job and serve report their failure; the notifier itself must not (no loop).
+    for name in (*(f"{job}.service" for job in JOBS if job != "milton-check"), systemd.SERVE):
+        assert _keys(units[name])["OnFailure"] == ["milton-notify@%n.service"], name
+    # The check notifies about what it found itself; a second "check failed" would be noise.
+    assert "OnFailure" not in _keys(units["milton-check.service"])
+    notify = _keys(units[systemd.NOTIFY_TEMPLATE])
+    assert "OnFailure" not in notify
+    assert notify["ExecStart"] == [f"{exe} notify unit-failed %i"]
+    for job, command in JOBS.items():
         assert _keys(units[f"{job}.service"])["ExecStart"] == [f"{exe} {command}"]
-    for timer, service in ((f"{job}.timer", f"{job}.service") for job in jobs):
+    for timer, service in ((f"{job}.timer", f"{job}.service") for job in JOBS):
         k = _keys(units[timer])
         assert k["Persistent"] == ["true"]
         assert k["Unit"] == [service]
         assert k["WantedBy"] == ["timers.target"]
         assert k["RandomizedDelaySec"]
-    assert _keys(units["milton-ingest.timer"])["OnCalendar"] == ["*:0/5"]
-    assert _keys(units["milton-train-anomaly.timer"])["OnCalendar"] == ["hourly"]
-    assert _keys(units["milton-ingest-documents.timer"])["OnCalendar"] == ["*-*-* 00/6:00:00"]
-    assert _keys(units["milton-compress-memory.timer"])["OnCalendar"] == ["Sun *-*-* 02:00:00"]
+    for timer, calendar in CALENDARS.items():
+        assert _keys(units[timer])["OnCalendar"] == [calendar]
     serve = _keys(units["milton-serve.service"])
     assert serve["Type"] == ["simple"]
     assert serve["Restart"] == ["on-failure"]
@@ -134,6 +160,35 @@ def test_render_contents(home, exe):
     assert serve["WantedBy"] == ["default.target"]
     system = systemd.render_units(_settings(), mode="system", exe=exe)
     assert _keys(system["milton-serve.service"])["WantedBy"] == ["multi-user.target"]
+
+
+def test_backup_dir_outside_home_is_writable(home, exe, tmp_path, monkeypatch):
+    """ProtectSystem=strict would make an archive folder on another disk read-only."""
+    if "backup" not in type(_settings()).model_fields:
+        pytest.skip("no backup section in this tree")
+    elsewhere = tmp_path / "other-disk" / "milton-backups"
+    monkeypatch.setenv("MILTON_BACKUP__DIR", str(elsewhere))
+    units = systemd.render_units(_settings(), exe=exe)
+    assert str(elsewhere) in _keys(units["milton-backup.service"])["ReadWritePaths"][0]
+
+
+def test_every_exec_start_is_a_real_command(cli):
+    """Each template's ExecStart runs a milton command that exists (``--help`` exits 0)."""
+    tdir = systemd.template_dir()
+    seen = []
+    for name in systemd.UNITS:
+        if not name.endswith(".service"):
+            continue
+        (line,) = _keys((tdir / name).read_text())["ExecStart"]
+        assert line.startswith("{exe}{config} "), name
+        args = line.removeprefix("{exe}{config} ").replace("%i", "milton-ingest.service").split()
+        code, out, err = cli(*args, "--help")
+        assert code == 0, f"{name}: milton {' '.join(args)} --help: {err}"
+        assert "Usage:" in out, name
+        seen.append(args[0])
+    assert {"ingest", "train-anomaly", "compress-memory", "backup", "status", "notify", "serve"} <= set(seen)
+    code, _, err = cli("no-such-command", "--help")  # the check above can fail
+    assert code != 0
 
 
 def test_render_config_and_awkward_paths(tmp_path, monkeypatch, exe):
@@ -150,28 +205,50 @@ def test_render_config_and_awkward_paths(tmp_path, monkeypatch, exe):
 
 
 # -- systemd-analyze ----------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["user", "system"])
-def test_systemd_analyze_verify(home, exe, tmp_path, mode):
-    analyze = _analyze()
-    units = systemd.render_units(_settings(), mode=mode, exe=exe)
-    paths = _write(units, tmp_path / f"units-{mode}")
+def _verify(analyze: str, paths: list[Path], mode: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "SYSTEMD_LOG_LEVEL": "notice", "LC_ALL": "C"}
     cmd = [analyze, "verify"]
     if mode == "user":
         runtime = tmp_path / "runtime"
-        runtime.mkdir(mode=0o700)
+        runtime.mkdir(mode=0o700, exist_ok=True)
         env["XDG_RUNTIME_DIR"] = str(runtime)  # a --user manager needs one; containers lack it
         cmd.append("--user")
-    for path in paths:
-        proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, env=env, timeout=30)
+    return subprocess.run([*cmd, *map(str, paths)], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("mode", ["user", "system"])
+def test_systemd_analyze_verify(home, exe, tmp_path, mode):
+    analyze = systemd_analyze()
+    units = systemd.render_units(_settings(), mode=mode, exe=exe)
+    dest = tmp_path / f"units-{mode}"
+    paths = _write(units, dest)
+    for path in paths:  # one at a time: an error names its file
+        proc = _verify(analyze, [path], mode, tmp_path)
         assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
         noisy = [line for line in proc.stderr.splitlines() if "milton" in line]
         assert not noisy, f"{path.name}: {proc.stderr}"
+    # The whole set at once, and the notify template as OnFailure= instantiates it.
+    instance = dest / "milton-notify@milton-ingest.service.service"
+    assert not instance.exists()
+    proc = _verify(analyze, [*paths, instance], mode, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if "milton" in line], proc.stderr
+
+
+def test_systemd_analyze_verify_catches_broken_notify_template(home, tmp_path):
+    """The instance check above can fail: a template with a missing binary is reported."""
+    analyze = systemd_analyze()
+    units = systemd.render_units(_settings(), mode="system", exe=str(tmp_path / "no" / "milton"))
+    dest = tmp_path / "bad"
+    _write({systemd.NOTIFY_TEMPLATE: units[systemd.NOTIFY_TEMPLATE]}, dest)
+    proc = _verify(analyze, [dest / "milton-notify@milton-ingest.service.service"], "system", tmp_path)
+    assert proc.returncode != 0
+    assert "milton" in proc.stderr
 
 
 def test_systemd_analyze_verify_catches_breakage(home, tmp_path):
     """The verify test above can fail: a missing ExecStart binary is reported."""
-    analyze = _analyze()
+    analyze = systemd_analyze()
     units = systemd.render_units(_settings(), mode="system", exe=str(tmp_path / "no" / "milton"))
     (path,) = _write({"milton-ingest.service": units["milton-ingest.service"]}, tmp_path / "bad")
     proc = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=30)
@@ -180,11 +257,12 @@ def test_systemd_analyze_verify_catches_breakage(home, tmp_path):
 
 
 def test_systemd_analyze_calendar(home, exe):
-    analyze = _analyze()
+    analyze = systemd_analyze()
     units = systemd.render_units(_settings(), exe=exe)
     values = {name: v for name, text in units.items() for v in _keys(text).get("OnCalendar", [])}
     limits = {"milton-ingest.timer": 300, "milton-train-anomaly.timer": 3600,
-              "milton-ingest-documents.timer": 6 * 3600, "milton-compress-memory.timer": 7 * 86400}
+              "milton-ingest-documents.timer": 6 * 3600, "milton-compress-memory.timer": 7 * 86400,
+              "milton-backup.timer": 7 * 86400, "milton-check.timer": 86400}
     assert set(values) == set(limits)
     env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
     for name, value in values.items():
@@ -200,6 +278,10 @@ def test_systemd_analyze_calendar(home, exe):
         assert 0 < delta <= limit, f"{name}: next elapse {nxt} is {delta}s away"
         if name == "milton-compress-memory.timer":
             assert nxt.weekday() == 6 and (nxt.hour, nxt.minute) == (2, 0), nxt
+        if name == "milton-backup.timer":
+            assert nxt.weekday() == 6 and (nxt.hour, nxt.minute) == (3, 0), nxt
+        if name == "milton-check.timer":
+            assert (nxt.hour, nxt.minute, nxt.second) == (9, 0, 0), nxt
 
 
 # -- CLI ----------------------------------------------------------------------------------
@@ -209,7 +291,8 @@ def test_cli_install_dry_run_writes_nothing(home, tmp_path, exe):
     assert result.exit_code == 0, result.output
     assert "OnCalendar=*:0/5" in result.output
     assert "SuccessExitStatus=75" in result.output
-    assert "enable --now milton-ingest.timer milton-train-anomaly.timer milton-ingest-documents.timer milton-compress-memory.timer" in result.output
+    assert "enable --now " + " ".join(systemd.TIMERS) in result.output
+    assert len(systemd.TIMERS) == len(CALENDARS)
     assert not (tmp_path / "xdg").exists()
     assert not (home / "data").exists()
     # Printed verbatim (no re-wrapping to the terminal width), so it can be copied.
@@ -233,7 +316,7 @@ def test_cli_install_and_uninstall_user(home, tmp_path, monkeypatch, exe):
     assert "OnCalendar=*:0/5" in (dest / "milton-ingest.timer").read_text()
     assert "warning" in result.output
     assert "systemctl --user daemon-reload" in result.output
-    assert "systemctl --user enable --now milton-ingest.timer milton-train-anomaly.timer milton-ingest-documents.timer milton-compress-memory.timer" in result.output
+    assert "systemctl --user enable --now " + " ".join(systemd.TIMERS) in result.output
     assert "loginctl enable-linger" in result.output
     assert (home / "data").is_dir() and (home / "checkpoints").is_dir()
 

@@ -9,6 +9,7 @@ from milton.anomaly.model import KIND, AnomalyModel, load_verified, scoring_rows
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import Settings
 from milton.core.errors import ArtifactError, InputError
+from milton.core.jobs import STORE_LOCK, job_lock
 from milton.core.store import open_store
 
 
@@ -22,6 +23,11 @@ def current_model(settings: Settings) -> AnomalyModel:
 
 def latest_snapshot_rows(settings: Settings, now: datetime) -> list[tuple]:
     """Full process rows (COLUMNS order) of each host's newest snapshot at or before ``now``."""
+    with job_lock(settings.locks_dir, STORE_LOCK, shared=True):  # never mid-restore
+        return _latest_rows(settings, now)
+
+
+def _latest_rows(settings: Settings, now: datetime) -> list[tuple]:
     db = open_store(settings.db_path, settings.store.busy_timeout_ms)
     try:
         return db.conn.execute(

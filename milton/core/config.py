@@ -12,9 +12,17 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -127,6 +135,110 @@ class JobsConfig(_Section):
     )
 
 
+class StatusConfig(_Section):
+    """When `milton status` flags something as needing attention."""
+
+    failure_streak: int = Field(
+        default=2, ge=1, description="Flag a job whose last this-many runs all failed."
+    )
+    backup_max_age_days: float = Field(
+        default=8.0, gt=0, description="Flag when the newest backup is older than this."
+    )
+    min_free_disk_percent: float = Field(
+        default=10.0, ge=0, le=100, description="Flag when the data disk has less free space (%)."
+    )
+    min_free_disk_gb: float = Field(
+        default=2.0, ge=0, description="Flag when the data disk has less free space (GiB)."
+    )
+
+
+_NTFY_PRIORITIES = ("min", "low", "default", "high", "urgent", "max", "1", "2", "3", "4", "5")
+
+
+class NotifyConfig(_Section):
+    """Push notifications through an ntfy server (self-hosted or ntfy.sh); off while url is empty."""
+
+    url: str = Field(
+        default="",
+        description="ntfy server base URL, e.g. http://127.0.0.1:2586 or https://ntfy.sh; empty = off.",
+    )
+    topic: str = Field(
+        default="milton",
+        pattern=r"^[-_A-Za-z0-9]{1,64}$",
+        description="ntfy topic to publish to (letters, digits, - and _; up to 64).",
+    )
+    token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Access token sent as 'Authorization: Bearer ...'; empty = none. "
+        "Prefer the MILTON_NOTIFY__TOKEN environment variable.",
+    )
+    priority: str = Field(
+        default="default", description="ntfy priority: min, low, default, high, urgent, or 1-5."
+    )
+    timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Give up on the ntfy server after this many seconds."
+    )
+    on_failure: bool = Field(default=True, description="Notify when a scheduled job or serve fails.")
+    on_promotion: bool = Field(default=True, description="Notify when a new model version is promoted.")
+    on_rejection: bool = Field(
+        default=True, description="Notify when the evaluation gate rejects a trained model."
+    )
+    on_stale_backup: bool = Field(
+        default=True, description="Notify when the newest backup is missing or too old."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        url = url.strip()
+        if not url:
+            return ""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("expected an http:// or https:// URL, or empty to turn notifications off")
+        return url.rstrip("/")
+
+    @field_validator("priority")
+    @classmethod
+    def _ntfy_priority(cls, value: str) -> str:
+        value = str(value).strip().lower()
+        if value not in _NTFY_PRIORITIES:
+            raise ValueError("expected min, low, default, high, urgent or 1-5")
+        return value
+
+
+class BackupConfig(_Section):
+    """`milton backup`: where archives go, how they are packed and which are kept."""
+
+    dir: Path = Field(
+        default=Path("backups"),
+        description="Where archives are written; relative to paths.home. Best on another disk.",
+    )
+    keep_last: int = Field(
+        default=4, ge=1, description="The newest N archives are always kept."
+    )
+    keep_daily: int = Field(
+        default=0, ge=0,
+        description="Also keep the newest archive of each of the N most recent days that have one (UTC; 0 = off).",
+    )
+    keep_weekly: int = Field(
+        default=0, ge=0,
+        description="Also keep the newest archive of each of the N most recent ISO weeks that have one (0 = off).",
+    )
+    keep_monthly: int = Field(
+        default=0, ge=0,
+        description="Also keep the newest archive of each of the N most recent months that have one (0 = off).",
+    )
+    compression: Literal["gz", "none"] = Field(
+        default="gz", description="Archive compression: gz (.tar.gz) or none (.tar, fastest)."
+    )
+    compress_level: int = Field(
+        default=1, ge=1, le=9, description="gzip level, 1 (fast) to 9 (small)."
+    )
+
+
 class MemoryConfig(_Section):
     """Conversations, documents and the three memory tiers (short-term, working, long-term)."""
 
@@ -195,6 +307,9 @@ class Settings(BaseSettings):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    backup: BackupConfig = Field(default_factory=BackupConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
 
     @field_validator("paths")
     @classmethod
@@ -205,6 +320,15 @@ class Settings(BaseSettings):
             data_dir=(home / paths.data_dir.expanduser()).resolve(),
             checkpoints_dir=(home / paths.checkpoints_dir.expanduser()).resolve(),
         )
+
+    @field_validator("backup")
+    @classmethod
+    def _absolute_backup_dir(cls, backup: BackupConfig, info: ValidationInfo) -> BackupConfig:
+        paths = info.data.get("paths")
+        if paths is None:  # paths failed validation; that error is the one reported
+            return backup
+        directory = (paths.home / backup.dir.expanduser()).resolve()
+        return backup.model_copy(update={"dir": directory})
 
     @classmethod
     def settings_customise_sources(

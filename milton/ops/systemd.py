@@ -24,20 +24,8 @@ from milton.core.config import Settings
 from milton.core.errors import InputError, MiltonError
 
 MODES = ("user", "system")
-TIMERS = ("milton-ingest.timer", "milton-train-anomaly.timer", "milton-ingest-documents.timer",
-          "milton-compress-memory.timer")
 SERVE = "milton-serve.service"
-UNITS = (
-    "milton-ingest.service",
-    "milton-ingest.timer",
-    "milton-train-anomaly.service",
-    "milton-train-anomaly.timer",
-    "milton-ingest-documents.service",
-    "milton-ingest-documents.timer",
-    "milton-compress-memory.service",
-    "milton-compress-memory.timer",
-    SERVE,
-)
+NOTIFY_TEMPLATE = "milton-notify@.service"
 LINGER_NOTE = (
     "note: user timers only run while you are logged in unless lingering is on: "
     "loginctl enable-linger $USER"
@@ -52,6 +40,31 @@ def template_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(milton.__file__).parents[1] / "systemd"
+
+
+def template_names(tdir: Path | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every unit file name, the timers), read from the template folder.
+
+    Adding a scheduled job is dropping a ``milton-NAME.service``/``.timer`` pair in
+    ``systemd/``: install, uninstall, status and ``milton schedule`` all pick it up.
+    """
+    tdir = tdir or template_dir()
+    try:
+        names = sorted(p.name for p in tdir.iterdir()
+                       if p.name.startswith("milton-") and p.suffix in (".service", ".timer"))
+    except OSError as exc:
+        raise MiltonError(f"{tdir}: cannot list unit templates: {exc.strerror}") from None
+    timers = tuple(n for n in names if n.endswith(".timer"))
+    return tuple(names), timers
+
+
+#: Every unit file and the timers, as shipped (read once from the template folder).
+UNITS, TIMERS = template_names()
+
+
+def job_services(tdir: Path | None = None) -> tuple[str, ...]:
+    """Services started by a timer (oneshot jobs), in template order."""
+    return tuple(t.removesuffix(".timer") + ".service" for t in template_names(tdir)[1])
 
 
 def unit_dir(mode: str) -> Path:
@@ -94,6 +107,16 @@ def _word(value: str) -> str:
     return _escape(value) if plain and value else _quote(value)
 
 
+def _backup_dir(settings: Settings) -> Path | None:
+    """Where ``milton backup`` writes: writable for the units even when outside home."""
+    backup = getattr(settings, "backup", None)
+    directory = getattr(backup, "dir", None)
+    if directory is None:
+        return None
+    directory = Path(directory).expanduser()
+    return directory if directory.is_absolute() else (settings.paths.home / directory).resolve()
+
+
 def render_units(
     settings: Settings,
     *,
@@ -106,8 +129,8 @@ def render_units(
     exe_path = str(Path(exe).absolute()) if exe else default_exe()
     home = settings.paths.home
     rw = []
-    for p in (settings.paths.data_dir, settings.paths.checkpoints_dir, home):
-        if str(p) not in rw:
+    for p in (settings.paths.data_dir, settings.paths.checkpoints_dir, home, _backup_dir(settings)):
+        if p is not None and str(p) not in rw:
             rw.append(str(p))
     values = {
         "exe": _word(exe_path),
@@ -122,7 +145,7 @@ def render_units(
     }
     tdir = template_dir()
     rendered: dict[str, str] = {}
-    for name in UNITS:
+    for name in template_names(tdir)[0]:
         path = tdir / name
         try:
             template = path.read_text(encoding="utf-8")
@@ -214,7 +237,7 @@ def install(
     units = render_units(settings, mode=mode, exe=exe, config_file=config_file)
     dest = Path(target_dir) if target_dir else unit_dir(mode)
     outcome = Outcome(unit_dir=dest)
-    enable = [*TIMERS, *([SERVE] if serve else [])]
+    enable = [*template_names()[1], *([SERVE] if serve else [])]
     cmds = [_systemctl(mode, "daemon-reload"), _systemctl(mode, "enable", "--now", *enable)]
     if dry_run:
         for name, text in units.items():
@@ -250,8 +273,9 @@ def uninstall(
         _require_root(mode)
     dest = Path(target_dir) if target_dir else unit_dir(mode)
     outcome = Outcome(unit_dir=dest)
-    present = [name for name in UNITS if (dest / name).exists()]
-    disable = [n for n in (*TIMERS, SERVE) if n in present] or [*TIMERS, SERVE]
+    units, timers = template_names()
+    present = [name for name in units if (dest / name).exists()]
+    disable = [n for n in (*timers, SERVE) if n in present] or [*timers, SERVE]
     cmds = [_systemctl(mode, "disable", "--now", *disable)]
     if dry_run:
         outcome.removed = [dest / n for n in present]
@@ -288,7 +312,7 @@ def status(mode: str = "user", *, target_dir: Path | None = None) -> Status:
     """Which unit files exist, and ``systemctl list-timers`` for milton units if possible."""
     _check_mode(mode)
     dest = Path(target_dir) if target_dir else unit_dir(mode)
-    installed = {name: (dest / name).exists() for name in UNITS}
+    installed = {name: (dest / name).exists() for name in template_names()[0]}
     ok, text = _run(_systemctl(mode, "list-timers", "--all", "--no-pager", "milton-*"))
     if not ok:
         return Status(dest, installed, None, text)

@@ -37,7 +37,7 @@ def install_cmd(
     dry_run: DryRunOpt = False,
     serve: Annotated[bool, typer.Option("--serve", help="Also enable and start milton-serve.service.")] = False,
 ) -> None:
-    """Write the ingest/train timers (and serve unit), reload systemd and enable the timers."""
+    """Write every unit and timer in systemd/ (jobs, serve, notify@), reload systemd, enable the timers."""
     from milton.cli import State, err, out
     from milton.ops import systemd
 
