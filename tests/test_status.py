@@ -91,10 +91,15 @@ def test_models_memory_and_store_sizes(cli, settings, memory_db, embedder):
     now = utcnow()
     add_memory(memory_db, embedder, NewMemory("the user prefers tabs", tier="long"), now)
     add_memory(memory_db, embedder, NewMemory("said hello", tier="short"), now)
+    memory_db["sessions"].insert_all([
+        {"id": "s1", "source": "serve", "started": 1.0, "last_activity": 1.0, "status": "open"},
+        {"id": "s2", "source": "serve", "started": 1.0, "last_activity": 1.0, "status": "processed"},
+    ])
     _, report = _status(cli)
     assert report["artifacts"] == [{"kind": "anomaly", "current": v2.name, "created": v2.created,
                                     "versions": 2, "pinned": ["v000001"]}]
     assert report["memory"]["tiers"] == {"short": 1, "working": 0, "long": 1}
+    assert report["memory"]["sessions_active"] == 1
     assert report["store"]["exists"] and report["store"]["size_bytes"] > 0
     assert report["store"]["schema_version"] >= 5
     assert report["disk"]["free_bytes"] > 0

@@ -111,7 +111,7 @@ def _memory_counts(conn: sqlite3.Connection) -> dict[str, Any] | None:
     return {
         "tiers": {t: tiers.get(t, 0) for t in ("short", "working", "long")},
         "sessions_active": conn.execute(
-            "select count(*) from sessions where status = 'active'").fetchone()[0],
+            "select count(*) from sessions where status = 'open'").fetchone()[0],
         "messages": conn.execute("select count(*) from messages").fetchone()[0],
         "documents": conn.execute("select count(*) from documents").fetchone()[0],
     }
