@@ -1,5 +1,6 @@
 # Two set-up commands for a fresh machine: `make run` and `make test`.
 # Each creates .venv and installs what it needs on first use (and again when pyproject changes).
+# llama-cpp-python builds from source on first install (about 8 minutes on 2 cores).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m milton.train.tools   # llama.cpp's converters, from the same sdist
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -198,7 +198,8 @@ def _artifacts(kind: str):
     from milton.core.artifacts import ArtifactStore
 
     settings = State.settings()
-    keep = settings.anomaly.keep_versions if kind == "anomaly" else settings.artifacts.keep
+    keep = {"anomaly": settings.anomaly.keep_versions,
+            "adapter": settings.train.keep_versions}.get(kind, settings.artifacts.keep)
     return ArtifactStore(settings.paths.checkpoints_dir, kind, keep=keep)
 
 
@@ -232,7 +233,9 @@ def models_list_cmd(
     for r in rows:
         mark = ("*" if r["current"] else "") + ("P" if r["pinned"] else "")
         m = r["metrics"]
-        key = ", ".join(f"{k}={m[k]}" for k in ("records", "train_rows", "contamination") if k in m)
+        key = ", ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}"
+                        for k in ("records", "train_rows", "contamination", "decision", "eval_ppl",
+                                  "regression_ppl", "rouge_l") if m.get(k) is not None)
         table.add_row(r["kind"], r["version"], r["created"], mark, key)
     out.print(table)
 
@@ -317,6 +320,7 @@ def _register_optional() -> None:
     __import__("milton.ops.status_cli", fromlist=["register"]).register(app)
     __import__("milton.ops.notify_cli", fromlist=["register"]).register(app)
     __import__("milton.ops.schedule_cli", fromlist=["register"]).register(app)
+    __import__("milton.train.cli", fromlist=["register"]).register(app)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

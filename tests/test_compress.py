@@ -159,3 +159,28 @@ def test_compress_cli_dry_run_and_json(cli, embedder):
     assert json.loads(out)["metrics"]["short_term_removed"] == 1
     rc, out, err = cli("memory", "list", "--json")
     assert [m["category"] for m in json.loads(out)] == ["summary"]
+
+
+def test_auto_keeps_extractive_unless_a_model_is_configured(embedder):
+    from milton.memory.summarize import ExtractiveSummarizer, choose_summarizer
+
+    summarizer, why = choose_summarizer("auto", "", embedder)
+    assert isinstance(summarizer, ExtractiveSummarizer) and "llm_model not set" in why
+
+
+def test_real_llm_summarizer_on_the_packaged_model(embedder):
+    """llama-cpp-python on the packaged Gemma: a usable summary, or a refusal the caller records."""
+    pytest.importorskip("llama_cpp")
+    from milton.memory.summarize import LlamaSummarizer, choose_summarizer
+
+    summarizer, why = choose_summarizer("llm", "", embedder)
+    assert isinstance(summarizer, LlamaSummarizer) and why.startswith("llm (")
+    texts = ["user: Our build server is zephyr-07 and it runs the nightly tests.",
+             "assistant: Noted: zephyr-07 runs the nightly tests."]
+    try:
+        summary = summarizer.summarize(texts, max_chars=200)
+    except ValueError as exc:  # refused output: compress falls back to extractive (tested above)
+        assert "unusable summary" in str(exc)
+    else:
+        assert summary.strip() and len(summary) <= 200
+    assert 0.0 < summarizer.importance(texts) <= 1.0

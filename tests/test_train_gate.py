@@ -1,0 +1,39 @@
+"""The promotion gate: better held-out perplexity, no forgetting beyond the margin."""
+
+from __future__ import annotations
+
+import math
+
+from milton.core.config import TrainConfig
+from milton.train.gate import decide
+
+CFG = TrainConfig(regression_margin=0.05, min_improvement=0.0)
+SERVING = {"eval_ppl": 20.0, "regression_ppl": 30.0}
+
+
+def test_promotes_a_candidate_that_learned_without_forgetting():
+    d = decide({"eval_ppl": 8.0, "regression_ppl": 31.0}, SERVING, CFG)
+    assert d.promote and "20.000 -> 8.000" in d.reason
+
+
+def test_rejects_no_improvement_on_held_out():
+    d = decide({"eval_ppl": 20.5, "regression_ppl": 29.0}, SERVING, CFG)
+    assert not d.promote and "does not beat current" in d.reason
+
+
+def test_rejects_forgetting_beyond_the_margin():
+    d = decide({"eval_ppl": 5.0, "regression_ppl": 31.6}, SERVING, CFG)  # +5.3%
+    assert not d.promote and "it forgot" in d.reason
+    assert decide({"eval_ppl": 5.0, "regression_ppl": 31.4}, SERVING, CFG).promote  # +4.7%
+
+
+def test_min_improvement_share():
+    cfg = TrainConfig(min_improvement=0.1)
+    assert not decide({"eval_ppl": 18.5, "regression_ppl": 30.0}, SERVING, cfg).promote
+    assert decide({"eval_ppl": 17.9, "regression_ppl": 30.0}, SERVING, cfg).promote
+
+
+def test_diverged_candidate_is_rejected():
+    for bad in (math.nan, math.inf, None):
+        d = decide({"eval_ppl": bad, "regression_ppl": 1.0}, SERVING, CFG)
+        assert not d.promote and "diverged" in d.reason
