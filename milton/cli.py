@@ -321,6 +321,7 @@ def _register_optional() -> None:
     __import__("milton.ops.notify_cli", fromlist=["register"]).register(app)
     __import__("milton.ops.schedule_cli", fromlist=["register"]).register(app)
     __import__("milton.train.cli", fromlist=["register"]).register(app)
+    __import__("milton.serve.chat_cli", fromlist=["register"]).register(app)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -255,12 +255,15 @@ def test_exchanges_join_users_and_replies_and_drop_system_and_tools():
         (10, "assistant", "It is 12 degrees.", None),
         (11, "user", "Thanks!", None),
         (12, "assistant", "You're welcome.", None),
-        (13, "user", "Unanswered?", None),
+        (13, "user", "Tell me a long story.", None),
+        # serve logs a reply cut off by a disconnect or timeout as incomplete: not an answer
+        (14, "assistant", "Once upon a", json.dumps({"incomplete": True, "cancel_reason": "timeout"})),
+        (15, "user", "Unanswered?", None),
     ]
     pairs, dropped = exchanges(rows)
     assert pairs == [("First part.\n\nSecond part?", "Answer one.\n\nAnswer two.", [3, 4, 5, 6]),
                      ("Thanks!", "You're welcome.", [11, 12])]
-    assert dropped == 1
+    assert dropped == 2
 
 
 def test_watermark_open_and_short_sessions(db, embedder, milton_home):

@@ -1,16 +1,17 @@
 """A tiny Llama-style language model built inside a test: no hub, seconds on a CPU.
 
-``build_tiny_llama(directory, texts)`` trains a byte-fallback BPE tokenizer on ``texts`` with
-the ``tokenizers`` library, laid out like a Hugging Face Llama ``tokenizer.json`` (Metaspace
-"▁" pre-tokenizer, ``<unk>``/``<s>``/``</s>`` specials, ``<0xNN>`` byte tokens, a
-ByteFallback decoder sequence), so llama.cpp's ``convert_hf_to_gguf.py`` takes its llama path
-(gguf's ``LlamaHfVocab``); and a randomly initialised (seeded) 2-layer ``LlamaForCausalLM``.
-Both are saved with ``save_pretrained`` into ``directory``, a complete local HF model directory.
+``build_tiny_llama(directory, texts)`` trains a SentencePiece BPE tokenizer on ``texts`` laid
+out like Llama 2's (``<unk>``/``<s>``/``</s>`` controls, ``<0xNN>`` byte fallback, a dummy "▁"
+prefix) and writes it twice: as ``tokenizer.model``, which llama.cpp's ``convert_hf_to_gguf.py``
+reads with the pieces' scores (so llama.cpp's SPM tokenizer merges in the same order), and as
+the equivalent HF ``tokenizer.json`` (BPE with byte fallback, Prepend/Replace normalizer, no
+pre-tokenizer) that transformers uses. Both tokenise text to the same ids. The model is a
+randomly initialised (seeded), briefly pre-trained 2-layer ``LlamaForCausalLM``, saved with
+``save_pretrained`` into ``directory``, a complete local HF model directory.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -70,35 +71,69 @@ def pretraining_texts() -> list[str]:
     return [*GENERAL_TEXT, *plain, *templated]
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, chat_template: bool = True):
-    """A llama-like ``PreTrainedTokenizerFast`` trained on ``texts`` (not saved).
+def _sentencepiece_corpus(texts: Iterable[str]) -> list[str]:
+    """Training sentences for the SentencePiece model: ``</s>`` is a control token, never text."""
+    out = []
+    for text in [*pretraining_texts(), *texts]:
+        out.extend(part for part in text.split("</s>") if part.strip())
+    return out
 
-    Laid out as Llama's: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, the 256 byte tokens ``<0x00>``..
-    ``<0xFF>`` as ordinary vocabulary entries (3-258), then the learnt pieces and merges.
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int = 512) -> bytes:
+    """A serialised SentencePiece BPE model (``tokenizer.model``), laid out like Llama 2's.
+
+    ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, byte pieces ``<0x00>``..``<0xFF>`` 3-258, then the
+    learnt pieces with their scores (minus the merge rank); identity normalisation, a dummy
+    "▁" prefix, whitespace kept as is, digits split. Single-threaded, so deterministic.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_sentencepiece_corpus(texts)), model_writer=model,
+        model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", split_digits=True,
+        allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+        num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def tokenizer_from_sentencepiece(proto: bytes, *, chat_template: bool = True):
+    """The ``tokenizer.json`` twin of a SentencePiece BPE model, as HF's Llama converter builds it.
+
+    BPE over the same pieces, merges ranked by the merged piece's score (what SentencePiece and
+    llama.cpp's SPM tokenizer pick next), ``byte_fallback``; normalizer Prepend("▁") then
+    Replace(" ", "▁") and no pre-tokenizer; decoder Replace/ByteFallback/Fuse/Strip. Text
+    therefore tokenises to the same ids in transformers, SentencePiece and llama.cpp.
+    """
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, normalizers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
-    # split=True keeps merges inside words, as SentencePiece's training does.
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    learner = Tokenizer(models.BPE(unk_token="<unk>"))
-    learner.pre_tokenizer = metaspace
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                  min_frequency=2, show_progress=False, max_token_length=16)
-    learner.train_from_iterator([*pretraining_texts(), *texts], trainer=trainer)
-    learnt = json.loads(learner.to_str())["model"]
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    size = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(size)}
+    if [sp.id_to_piece(i) for i in range(len(SPECIALS))] != list(SPECIALS):
+        raise ValueError("expected <unk>, <s>, </s> as ids 0-2")
+    pieces = {sp.id_to_piece(i): sp.get_score(i) for i in range(size)
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    merges: list[tuple[str, str, float]] = []
+    for piece, score in pieces.items():
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in pieces and piece[k:] in pieces]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (-m[2], len(m[0]), len(m[1])))
 
-    vocab: dict[str, int] = {name: i for i, name in enumerate(SPECIALS)}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for piece, _ in sorted(learnt["vocab"].items(), key=lambda kv: kv[1]):
-        vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True,
-                               fuse_unk=True))
-    tok.pre_tokenizer = metaspace
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges],
+                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "),
         decoders.ByteFallback(),
@@ -120,6 +155,19 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, chat_templat
     )
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, chat_template: bool = True):
+    """A Llama-2-like ``PreTrainedTokenizerFast`` trained on ``texts`` (not saved).
+
+    Its SentencePiece model is kept as ``tokenizer.sentencepiece_model`` (bytes):
+    :func:`build_tiny_llama` writes it as ``tokenizer.model``, which llama.cpp's converter
+    reads (with the pieces' scores) in preference to ``tokenizer.json``.
+    """
+    proto = train_sentencepiece(texts, vocab_size)
+    fast = tokenizer_from_sentencepiece(proto, chat_template=chat_template)
+    fast.sentencepiece_model = proto
     return fast
 
 
@@ -170,6 +218,7 @@ def build_tiny_llama(directory: Path | str, texts: Iterable[str] = (), *, vocab_
     finally:
         hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(directory)
+    (directory / "tokenizer.model").write_bytes(tokenizer.sentencepiece_model)
     return directory
 
 

@@ -108,6 +108,9 @@ class AnomalyConfig(_Section):
 
 
 class ServeConfig(_Section):
+    chat_enabled: bool = Field(
+        default=True, description="Load the language model and answer /v1 (off: anomaly scoring only)."
+    )
     host: str = Field(default="127.0.0.1", description="Bind address (loopback by default).")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     snapshot_interval_s: float = Field(
@@ -121,6 +124,64 @@ class ServeConfig(_Section):
     )
     max_score_rows: int = Field(
         default=100_000, ge=1, description="Largest batch accepted by POST /anomaly/score."
+    )
+    n_ctx: int = Field(
+        default=4096, ge=64,
+        description="Context window (tokens) of the served language model: prompt and answer "
+        "must fit in it.",
+    )
+    n_threads: int = Field(
+        default=0, ge=0, description="CPU threads for generation; 0 = all usable cores."
+    )
+    adapter_enabled: bool = Field(
+        default=True,
+        description="Apply the promoted LoRA adapter (checkpoints/adapter/current) to the served "
+        "model and hot-swap it on promote or rollback; false serves the bare base.",
+    )
+    # -- the OpenAI-compatible chat API (/v1) --------------------------------------------
+    api_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="When set, every endpoint but /healthz needs 'Authorization: Bearer <key>'; "
+        "required to bind a non-loopback host. Prefer the MILTON_SERVE__API_KEY environment variable.",
+    )
+    model_name: str = Field(
+        default="",
+        description="Model id shown by /v1/models and expected in requests; empty = derived from "
+        "the model file name.",
+    )
+    max_queue: int = Field(
+        default=4, ge=0,
+        description="Chat requests that may wait for the model while one generates; more get 429.",
+    )
+    max_messages: int = Field(default=256, ge=1, description="Most messages in one chat request (413).")
+    max_request_chars: int = Field(
+        default=200_000, ge=100,
+        description="Most characters in one request's messages, or embedding inputs (413).",
+    )
+    max_body_bytes: int = Field(
+        default=4_000_000, ge=1024, description="Largest /v1 request body in bytes (413)."
+    )
+    max_embedding_inputs: int = Field(
+        default=512, ge=1, description="Most texts in one POST /v1/embeddings request (413)."
+    )
+    max_tokens_limit: int = Field(
+        default=2048, ge=1, description="Largest max_tokens a chat request may ask for (400 above)."
+    )
+    default_max_tokens: int = Field(
+        default=512, ge=1, description="max_tokens of a chat request that sets none."
+    )
+    request_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="A chat request still queued or generating after this long is cancelled (504).",
+    )
+    memory_budget_tokens: int = Field(
+        default=512, ge=0,
+        description="Token budget of the relevant-memories block added to a chat request's "
+        "system prompt (0 = no memory injection).",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0,
+        description="On SIGTERM, how long in-flight requests may finish before they are cancelled.",
     )
 
 

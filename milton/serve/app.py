@@ -1,8 +1,10 @@
-"""`milton serve`: the long-running process. For now: anomaly scoring, live snapshots with
-alerts, telemetry, Prometheus metrics, and hot reload of the anomaly model."""
+"""`milton serve`: the long-running process. The OpenAI-compatible assistant (/v1, with
+memory and session logging, adapter hot swap), anomaly scoring with live snapshots and alerts,
+telemetry, Prometheus metrics, and hot reload of every model kind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -19,6 +21,7 @@ from milton.anomaly.detect import score_rows
 from milton.anomaly.model import KIND, AnomalyModel, load_verified
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import Settings
+from milton.core.errors import MiltonError
 from milton.core.log import get_logger, log_event
 from milton.core.store import open_store
 from milton.core.timeutil import iso, utcnow
@@ -105,6 +108,74 @@ class SnapshotLoop:
             self._thread.join(timeout=10)
 
 
+class LanguageModel:
+    """The served LLM and its adapter watcher: opened in the background, closed on shutdown.
+
+    A model that cannot load (no GGUF, bad file) is logged and reported in telemetry; serve
+    keeps scoring processes and /v1 answers 503 with the reason.
+    """
+
+    def __init__(self, settings: Settings, *, enabled: bool) -> None:
+        self.settings = settings
+        self.enabled = enabled
+        self.engine: Any = None
+        self.watcher: Any = None
+        self.error: str | None = None
+        self._closed = threading.Event()
+        self.settled = threading.Event()  # loaded, failed, or not wanted
+
+    def open(self, api: Any) -> None:
+        try:
+            self._open(api)
+        finally:
+            self.settled.set()
+
+    def _open(self, api: Any) -> None:
+        if not self.enabled:
+            return
+        from milton.serve.llm import open_engine
+
+        t0 = time.perf_counter()
+        try:
+            engine, watcher = open_engine(self.settings)
+        except Exception as exc:  # noqa: BLE001 - serve the rest; say why in telemetry
+            self.error = str(exc) if isinstance(exc, MiltonError) else f"{type(exc).__name__}: {exc}"
+            log_event(logger, "language model not loaded", level=logging.ERROR, error=self.error)
+            return
+        if self._closed.is_set():  # shut down while loading
+            engine.close()
+            return
+        self.engine, self.watcher = engine, watcher
+        if watcher is not None:
+            watcher.start()
+        api.set_engine(engine)
+        log_event(logger, "language model loaded", model=engine.info().model_id,
+                  adapter=engine.info().adapter_version, load_s=round(time.perf_counter() - t0, 2))
+
+    def close(self, api: Any) -> None:
+        self._closed.set()
+        api.set_engine(None)
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.engine is not None:
+            self.engine.close()
+
+    def telemetry(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "load_error": self.error,
+                "adapter_watcher": None if self.watcher is None else {
+                    "reloads": self.watcher.reloads, "failures": self.watcher.failures,
+                    "last_error": self.watcher.last_error}}
+
+    def export_metrics(self, metrics: Metrics) -> None:
+        if self.engine is None:
+            return
+        info = self.engine.info()
+        metrics.reloads.labels("adapter").set(info.swaps)
+        metrics.failures.labels("adapter").set(info.swap_failures)
+        if info.last_swap_ms is not None:
+            metrics.swap.labels("adapter").set(info.last_swap_ms / 1000)
+
+
 def _load_anomaly(store: ArtifactStore, name: str) -> AnomalyModel:
     return load_verified(store, name)
 
@@ -113,13 +184,17 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status)
 
 
-def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
-    """Build the app. ``background=False`` (tests) skips the watcher and snapshot threads."""
+def create_app(settings: Settings, *, background: bool = True, engine: Any = None) -> FastAPI:
+    """Build the app. ``background=False`` (tests) skips the watcher and snapshot threads.
+    ``engine``: a :class:`milton.serve.engine.ChatEngine` for /v1 (or set it later through
+    ``app.state.openai.set_engine``); without one, chat requests get 503."""
     metrics = Metrics()
     store = ArtifactStore(settings.paths.checkpoints_dir, KIND, keep=settings.anomaly.keep_versions)
     hot: HotModel[AnomalyModel] = HotModel(store, _load_anomaly, settings.serve.reload_poll_s, logger)
     snapshots = SnapshotLoop(settings, hot, metrics)
     started = iso(utcnow())
+
+    llm = LanguageModel(settings, enabled=engine is None and background and settings.serve.chat_enabled)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -130,9 +205,13 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
                 snapshots.start()
         else:
             hot.check()
+        # The language model loads off the event loop; scoring works meanwhile, /v1 says 503.
+        loading = asyncio.create_task(asyncio.to_thread(llm.open, app.state.openai))
         log_event(logger, "serve started", version=__version__,
                   model=(hot.get().version if hot.get() else None))
         yield
+        await loading
+        llm.close(app.state.openai)
         snapshots.stop()
         hot.stop()
         log_event(logger, "serve stopped")
@@ -141,6 +220,12 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
     app.state.hot = hot
     app.state.snapshots = snapshots
     app.state.metrics = metrics
+    app.state.llm = llm
+
+    # -- the OpenAI-compatible API (/v1): router with its own lifespan, bearer auth ---------
+    from milton.serve.openai_api import mount_openai
+
+    mount_openai(app, settings, engine, registry=metrics.registry, background=background)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -221,6 +306,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
                                "last_run": snapshots.last_run, "last_flagged": snapshots.last_flagged,
                                "last_error": snapshots.last_error},
             "alerts_stored": alerts,
+            "language_model": {**llm.telemetry(), **app.state.openai.telemetry()},
         }
 
     @app.get("/metrics")
@@ -232,6 +318,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
             metrics.swap.labels(KIND).set(hot.last_swap_s)
         if hot.last_load_s is not None:
             metrics.load.labels(KIND).set(hot.last_load_s)
+        llm.export_metrics(metrics)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -241,12 +328,17 @@ def run_server(settings: Settings, *, host: str | None = None, port: int | None 
     import uvicorn
 
     from milton.core.jobs import SERVE_LOCK, STORE_LOCK, job_lock
+    from milton.serve.limits import check_bind
 
+    check_bind(host or settings.serve.host, settings.serve.api_key.get_secret_value())
     # Held while serving, so restore (and anything needing the store alone) can tell.
     with job_lock(settings.locks_dir, STORE_LOCK, shared=True), \
             job_lock(settings.locks_dir, SERVE_LOCK):
         app = create_app(settings)
         config = uvicorn.Config(app, host=host or settings.serve.host,
                                 port=settings.serve.port if port is None else port,
-                                log_config=None, access_log=False, timeout_graceful_shutdown=10)
-        uvicorn.Server(config).run()
+                                log_config=None, access_log=False,
+                                timeout_graceful_shutdown=settings.serve.shutdown_grace_s)
+        from milton.serve.openai_api import GracefulServer
+
+        GracefulServer(config, app.state.openai).run()

@@ -176,7 +176,8 @@ Exchange = tuple[str, str, list[int]]  # (prompt, response, message ids)
 
 def exchanges(rows: Iterable[tuple[int, str, str, str | None]]) -> tuple[list[Exchange], int]:
     """(prompt, response, message ids) per exchange from (id, role, content, metadata) rows in
-    order, and how many exchanges were dropped for using tools."""
+    order, and how many exchanges were dropped: they used tools (the answer depends on output the
+    model won't see) or the reply was cut off (serve marks it ``incomplete``)."""
     out: list[Exchange] = []
     users: list[tuple[int, str]] = []
     replies: list[tuple[int, str]] = []
@@ -185,7 +186,7 @@ def exchanges(rows: Iterable[tuple[int, str, str, str | None]]) -> tuple[list[Ex
 
     def flush() -> None:
         nonlocal tools, dropped
-        if users and replies:
+        if users and (replies or tools):
             if tools:
                 dropped += 1
             else:
@@ -198,12 +199,13 @@ def exchanges(rows: Iterable[tuple[int, str, str, str | None]]) -> tuple[list[Ex
 
     for msg_id, role, content, metadata in rows:
         if role == "user":
-            if replies:
+            if replies or tools:
                 flush()
             users.append((msg_id, content))
         elif role == "assistant" and users:
             meta = json.loads(metadata) if metadata else {}
-            if (isinstance(meta, dict) and (meta.get("tool_calls") or meta.get("function_call"))) \
+            if (isinstance(meta, dict) and (meta.get("tool_calls") or meta.get("function_call")
+                                            or meta.get("incomplete"))) \
                     or content.startswith("[tool call] "):
                 tools = True
             else:
