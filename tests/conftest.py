@@ -116,3 +116,13 @@ def memory_db(milton_home: Path):
     store = open_store(milton_home / "data" / "milton.db")
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama as GGUF (built once per run) for tests that only need a working model."""
+    from tiny_lm import build_tiny_gguf
+
+    _, gguf = build_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf"),
+                              ["The build server is called zephyr-07.", "The wiki listens on port 8443."])
+    return gguf

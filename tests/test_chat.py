@@ -4,20 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 
-import pytest
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    from tiny_lm import build_tiny_llama
-
-    from milton.core.config import load_settings
-    from milton.train.gguf import hf_to_gguf
-
-    root = tmp_path_factory.mktemp("chat-llm")
-    hf = build_tiny_llama(root / "hf", ["The wiki listens on port 8443."])
-    return hf_to_gguf(load_settings(environ={}).settings, hf, root / "tiny.gguf")
-
 
 def test_chat_streams_remembers_forgets_and_ends_the_session(cli, milton_home, tiny_gguf):
     env = {"MILTON_MODEL__BASE": str(tiny_gguf), "MILTON_SERVE__N_THREADS": "1",

@@ -547,23 +547,6 @@ def test_idle_session_is_processed_into_memory(milton_home, echo, embedder):
 
 
 # -- the same API on the real llama.cpp engine (a tiny GGUF built here) -------------------------
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> Path:
-    import torch
-    from tiny_lm import build_tiny_llama
-
-    from milton.train.gguf import hf_to_gguf
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("openai-llm")
-        hf = build_tiny_llama(root / "hf", ["The build server is called zephyr-07."])
-        return hf_to_gguf(load_settings(environ={}).settings, hf, root / "tiny.gguf")
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_real_llama_engine_through_the_openai_client(milton_home, tiny_gguf, embedder):
     from milton.serve.llm import LlamaEngine
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tiny_lm import build_tiny_llama
+from tiny_lm import build_tiny_gguf
 
 from milton.core.artifacts import ArtifactStore, sha256_file
 from milton.core.errors import ConfigError
@@ -47,7 +47,7 @@ def tiny(tmp_path_factory) -> Tiny:
     import torch
 
     from milton.core.config import TrainConfig, load_settings
-    from milton.train.gguf import hf_to_gguf, lora_to_gguf
+    from milton.train.gguf import lora_to_gguf
     from milton.train.lora import make_peft_model, save_adapter, train_lora
     from milton.train.model import BaseModelRef, load_base, save_base_config
 
@@ -56,8 +56,7 @@ def tiny(tmp_path_factory) -> Tiny:
     root = tmp_path_factory.mktemp("serve-llm")
     settings = load_settings().settings
     try:
-        hf = build_tiny_llama(root / "hf", [f"{QUESTION} {a}" for a in ANSWERS.values()])
-        gguf = hf_to_gguf(settings, hf, root / "tiny.gguf")
+        hf, gguf = build_tiny_gguf(root, [f"{QUESTION} {a}" for a in ANSWERS.values()])
         ref = BaseModelRef(path=hf, kind="hf", sha256="0" * 64, name="hf")
         cfg = TrainConfig(learning_rate=1e-2, batch_size=4, grad_accum=1, epochs=100, max_steps=60,
                           checkpoint_every=1000, max_seq_len=64, warmup_ratio=0.1, seed=0,
@@ -74,10 +73,9 @@ def tiny(tmp_path_factory) -> Tiny:
             save_base_config(ref, result.model, out / "base")
             adapters[key] = lora_to_gguf(settings, out / "adapter", out / "base", out / "adapter.gguf")
 
-        other_hf = build_tiny_llama(root / "other-hf", [], hidden_size=32, heads=2,
-                                    intermediate_size=64, pretrain_steps=0, chat_template=False,
-                                    seed=1)
-        other_gguf = hf_to_gguf(settings, other_hf, root / "other.gguf")
+        other_hf, other_gguf = build_tiny_gguf(root, [], name="other", hidden_size=32, heads=2,
+                                               intermediate_size=64, pretrain_steps=0,
+                                               chat_template=False, seed=1)
         other_ref = BaseModelRef(path=other_hf, kind="hf", sha256="1" * 64, name="other")
         model, _ = load_base(other_ref, device="cpu", threads=1)
         peft = make_peft_model(model, TrainConfig(lora_dropout=0.0))

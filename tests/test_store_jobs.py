@@ -321,3 +321,20 @@ def test_exclusive_store_access_names_the_holder(settings):
         assert busy == []
         with pytest.raises(BusyError):  # nothing can start meanwhile
             run_job("ingest", lambda ctx: None, settings)
+
+
+def test_connect_readonly_reads_awkward_paths_and_never_creates(tmp_path):
+    from milton.core.store import connect_readonly
+
+    path = tmp_path / "odd ?dir#50%" / "m.db"
+    open_store(path).close()
+    conn = connect_readonly(path)
+    try:
+        assert conn.execute("select count(*) from job_runs").fetchone() == (0,)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            conn.execute("insert into job_runs (job, started, status) values ('x', 'y', 'ok')")
+    finally:
+        conn.close()
+    with pytest.raises(sqlite3.OperationalError):
+        connect_readonly(tmp_path / "missing.db").execute("select 1 from sqlite_master").fetchone()
+    assert not (tmp_path / "missing.db").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assert_clean_error
 from ntfy_server import NtfyServer
-from tiny_lm import build_tiny_llama
+from tiny_lm import build_tiny_gguf
 
 FACTS = [
     ("What is the build server called?", "The build server is called zephyr-07."),
@@ -35,14 +35,8 @@ FAKE_KEY = "sk-" + "Zq8" * 8 + "T4kL9"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny base (HF dir) and the same model as GGUF for llama.cpp."""
-    from milton.core.config import load_settings
-    from milton.train.gguf import hf_to_gguf
-
-    root = tmp_path_factory.mktemp("tiny")
     texts = [f"{q} {a}" for q, a in FACTS] + [FAKE_KEY]
-    model_dir = build_tiny_llama(root / "hf", texts)
-    gguf = hf_to_gguf(load_settings().settings, model_dir, root / "tiny.gguf")
-    return model_dir, gguf
+    return build_tiny_gguf(tmp_path_factory.mktemp("tiny"), texts)
 
 
 def _config(home: Path, model_dir: Path, **train) -> None:
@@ -87,11 +81,7 @@ def _train(cli, *args: str, env: dict | None = None) -> dict:
 
 
 def _generate(base_gguf: Path, adapter_gguf: Path | None, question: str, model_dir: Path) -> str:
-    """Greedy answer from llama.cpp, prompted with the token ids training used.
-
-    Token ids, not text: the tiny test tokenizer's pieces need not split text exactly as
-    llama.cpp's SentencePiece-style tokenizer does; the weights and adapter are what's tested.
-    """
+    """Greedy answer from llama.cpp, prompted with exactly the token ids training used."""
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 

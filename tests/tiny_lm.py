@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 #: A small chat template: plain-text role markers, each turn closed by ``</s>``.
 CHAT_TEMPLATE = (
@@ -241,3 +242,15 @@ def _pretrain(model, tokenizer, texts: list[str], steps: int, lr: float = 3e-3) 
     finally:
         model.eval()
         torch.set_num_threads(threads)
+
+
+def build_tiny_gguf(root: Path | str, texts: Iterable[str] = (), *, name: str = "tiny",
+                    **model: Any) -> tuple[Path, Path]:
+    """(HF directory, GGUF file): :func:`build_tiny_llama` in ``root/<name>-hf``, converted by
+    llama.cpp's own converter to ``root/<name>.gguf`` for llama-cpp-python."""
+    from milton.core.config import load_settings
+    from milton.train.gguf import hf_to_gguf
+
+    root = Path(root)
+    hf = build_tiny_llama(root / f"{name}-hf", texts, **model)
+    return hf, hf_to_gguf(load_settings(environ={}).settings, hf, root / f"{name}.gguf")

@@ -26,6 +26,7 @@ from milton import __version__
 from milton.core.config import NotifyConfig, Settings
 from milton.core.errors import MiltonError
 from milton.core.log import get_logger, log_event
+from milton.core.store import connect_readonly
 
 #: event name -> the NotifyConfig switch that enables it.
 EVENTS: dict[str, str] = {
@@ -163,7 +164,7 @@ def recent_runs(settings: Settings, job: str) -> tuple[dict | None, dict | None,
     query = ("select id, status, started, finished, error from job_runs where job = ? {} "
              "order by id desc limit 1")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        conn = connect_readonly(path)
         try:
             conn.row_factory = sqlite3.Row
             newest = conn.execute(query.format(""), [job]).fetchone()

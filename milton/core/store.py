@@ -76,6 +76,17 @@ def connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite_utils.Database:
     return db
 
 
+def connect_readonly(path: Path, timeout_s: float = 5.0) -> sqlite3.Connection:
+    """A read-only connection that never creates, migrates or writes the store (status,
+    notifications, the scheduler: the store may be missing or be what broke).
+
+    Raises ``sqlite3.Error``; callers decide what a missing or unreadable store means.
+    """
+    conn = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=timeout_s)
+    conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+    return conn
+
+
 def schema_version(db: sqlite_utils.Database) -> int:
     if "_migrations" not in db.table_names():
         return 0

@@ -35,6 +35,7 @@ from milton.core.artifacts import atomic_write_json
 from milton.core.config import Settings
 from milton.core.errors import EXIT_BUSY, InputError, MiltonError
 from milton.core.log import get_logger, log_event
+from milton.core.store import connect_readonly
 from milton.core.timeutil import iso, parse_timestamp, utcnow
 from milton.ops.calendar import CalendarError, parse_calendar
 
@@ -155,7 +156,7 @@ def last_runs(settings: Settings) -> dict[str, datetime]:
     if not path.exists():
         return {}
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        conn = connect_readonly(path, timeout_s=10)
         try:
             rows = conn.execute("select job, max(started) from job_runs group by job").fetchall()
         finally:

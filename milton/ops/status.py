@@ -18,6 +18,7 @@ from typing import Any
 
 from milton.core.artifacts import ArtifactStore, known_kinds
 from milton.core.config import Settings
+from milton.core.store import connect_readonly
 from milton.core.timeutil import iso, parse_timestamp, utcnow
 
 #: The metric that says most about a job's run, first match wins.
@@ -50,8 +51,7 @@ def _connect_readonly(path: Path) -> sqlite3.Connection | None:
     if not path.exists():
         return None
     try:
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5)
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn = connect_readonly(path)
         conn.execute("select count(*) from sqlite_master").fetchone()
     except sqlite3.DatabaseError:
         return None

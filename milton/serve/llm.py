@@ -53,6 +53,7 @@ from milton.core.log import log_event
 from milton.core.timeutil import iso, utcnow
 from milton.serve.engine import Chunk, EngineInfo, GenerationParams, Usage
 from milton.serve.hot import HotModel
+from milton.train.model import usable_cpus
 
 ADAPTER_KIND = "adapter"
 ADAPTER_FILE = "adapter.gguf"
@@ -173,12 +174,6 @@ def resolve_serve_base(settings: Settings) -> Any:
     return ref
 
 
-def _usable_cpus() -> int:
-    from milton.train.model import usable_cpus
-
-    return usable_cpus()
-
-
 def _promoted_at(store: ArtifactStore, name: str) -> str | None:
     """When ``current`` last switched to ``name`` (promote, publish or rollback)."""
     for entry in reversed(store.history()):
@@ -271,7 +266,7 @@ class LlamaEngine:
         self._lc = _llama_cpp()
         _install_log_callback(self._lc)
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or _usable_cpus()
+        self.n_threads = n_threads or usable_cpus()
         self.chat_format = chat_format
         self.gpu_layers = gpu_layers
         self.logger = logger_ or logger

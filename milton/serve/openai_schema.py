@@ -89,7 +89,8 @@ class ChatRequest:
     chars: int
 
 
-def parse_chat(body: Any, serve: ServeConfig) -> ChatRequest:
+def _model(body: Any) -> str:
+    """The ``model`` field of a request body, which must be a JSON object (every endpoint)."""
     if not isinstance(body, dict):
         raise _bad(f"expected a JSON object, got {type(body).__name__}", "body", "invalid_type")
     model = body.get("model")
@@ -97,6 +98,11 @@ def parse_chat(body: Any, serve: ServeConfig) -> ChatRequest:
         raise _bad("model: required", "model", "missing_required_parameter")
     if not isinstance(model, str) or not model.strip():
         raise _bad("model: expected a non-empty string", "model", "invalid_type")
+    return model
+
+
+def parse_chat(body: Any, serve: ServeConfig) -> ChatRequest:
+    model = _model(body)
     raw = body.get("messages")
     if raw is None:
         raise _bad("messages: required", "messages", "missing_required_parameter")
@@ -211,13 +217,7 @@ class EmbeddingRequest:
 
 
 def parse_embeddings(body: Any, serve: ServeConfig) -> EmbeddingRequest:
-    if not isinstance(body, dict):
-        raise _bad(f"expected a JSON object, got {type(body).__name__}", "body", "invalid_type")
-    model = body.get("model")
-    if model is None:
-        raise _bad("model: required", "model", "missing_required_parameter")
-    if not isinstance(model, str) or not model.strip():
-        raise _bad("model: expected a non-empty string", "model", "invalid_type")
+    model = _model(body)
     raw = body.get("input")
     if raw is None:
         raise _bad("input: required", "input", "missing_required_parameter")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from milton.core.artifacts import _fsync_dir
 from milton.core.config import TrainConfig
 from milton.core.errors import ConfigError
 from milton.train.formatting import IGNORE, Example, format_items
@@ -232,15 +233,6 @@ def latest_checkpoint(checkpoint_dir: Path) -> tuple[int, Path] | None:
         if match and (entry / "state.json").is_file():
             found.append((int(match.group(1)), entry))
     return max(found) if found else None
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:
