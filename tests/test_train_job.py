@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -122,8 +123,15 @@ def test_learns_facts_promotes_and_the_gguf_adapter_knows_them(cli, milton_home,
     for path in current.path.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
-    db_bytes = b"".join(p.read_bytes() for p in (milton_home / "data").glob("milton.db*"))
-    assert FAKE_KEY.encode() not in db_bytes.split(b"training_items")[-1] or True  # messages keep raw text
+    # The raw message keeps it (the user's own history); the exported training items do not.
+    conn = sqlite3.connect(settings.db_path)
+    try:
+        assert conn.execute("select count(*) from messages where content like ?",
+                            [f"%{FAKE_KEY}%"]).fetchone() == (1,)
+        assert conn.execute("select count(*) from training_items where prompt like ?1 or "
+                            "response like ?1", [f"%{FAKE_KEY}%"]).fetchone() == (0,)
+    finally:
+        conn.close()
 
     # The GGUF export, applied by llama.cpp to the GGUF base, answers with the fact.
     question = FACTS[0][0]
@@ -131,8 +139,6 @@ def test_learns_facts_promotes_and_the_gguf_adapter_knows_them(cli, milton_home,
     without = _generate(base_gguf, None, question, model_dir)
     assert "zephyr-07" in with_adapter, with_adapter
     assert "zephyr-07" not in without, without
-
-    import sqlite3
 
     conn = sqlite3.connect(settings.db_path)
     steps = conn.execute("select count(*), max(step) from training_history").fetchone()
@@ -174,8 +180,6 @@ def test_too_little_new_data_is_skipped_and_leaves_nothing(cli, milton_home, tin
     assert code == 0, err
     result = json.loads(out)
     assert result["status"] == "skipped" and "min_new_pairs" in result["reason"]
-    import sqlite3
-
     conn = sqlite3.connect(settings.db_path)
     assert conn.execute("select count(*) from training_runs").fetchone() == (0,)
     assert conn.execute("select count(*) from training_items").fetchone() == (0,)
