@@ -536,6 +536,8 @@ def test_idle_session_is_processed_into_memory(milton_home, echo, embedder):
             db.close()
         assert [(m[0], m[1]) for m in memories] == [("short", "exchange")] * 2
         assert memories[0][2].startswith("User: How do I undo the last git commit?")
+        # The timer counts the session once processing has returned, just after the commit seen above.
+        wait_until(lambda: srv.api.telemetry()["sessions"]["ended_on_idle"] >= 1, timeout=5)
         assert srv.api.telemetry()["sessions"]["ended_on_idle"] == 1
         # The next message from the same user starts a new session.
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], user="hal")
