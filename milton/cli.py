@@ -256,8 +256,15 @@ def models_show_cmd(
 def models_rollback_cmd(
     kind: Annotated[str, typer.Argument(help="Model kind, e.g. anomaly.")],
     to: Annotated[Optional[str], typer.Option("--to", help="Version to switch to (default: the previous one).")] = None,
+    none: Annotated[bool, typer.Option(
+        "--none", help="Use no version of this kind at all: the bare base for 'adapter', "
+        "model.base for 'base' (serve follows within serve.reload_poll_s).")] = False,
 ) -> None:
     """Point `current` back at an earlier version (checksums verified first)."""
+    if none:
+        previous = _artifacts(kind).clear_current(reason="rollback")
+        out.print(f"{kind}: no current version (was {previous or 'none'})")
+        return
     v = _artifacts(kind).rollback(to)
     out.print(f"{kind}: current is now {v.name}")
 
@@ -321,6 +328,7 @@ def _register_optional() -> None:
     __import__("milton.ops.notify_cli", fromlist=["register"]).register(app)
     __import__("milton.ops.schedule_cli", fromlist=["register"]).register(app)
     __import__("milton.train.cli", fromlist=["register"]).register(app)
+    __import__("milton.evolve.cli", fromlist=["register"]).register(app)
     __import__("milton.serve.chat_cli", fromlist=["register"]).register(app)
 
 

@@ -126,3 +126,14 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _, gguf = build_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf"),
                               ["The build server is called zephyr-07.", "The wiki listens on port 8443."])
     return gguf
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models: more threads only fight over a busy CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -170,14 +170,15 @@ def _copy_templates(tmp_path: Path) -> Path:
 
 def test_a_dropped_in_pair_is_scheduled(tmp_path):
     tdir = _copy_templates(tmp_path)
-    (tdir / "milton-evolve.service").write_text(
-        (tdir / "milton-backup.service").read_text().replace("} backup", "} evolve --dry-run"))
-    (tdir / "milton-evolve.timer").write_text(
-        (tdir / "milton-backup.timer").read_text().replace("Sun *-*-* 03:00:00", "*-*-01 03:00:00")
-        .replace("milton-backup.service", "milton-evolve.service"))
+    (tdir / "milton-report.service").write_text(
+        (tdir / "milton-backup.service").read_text().replace("} backup", "} evolve report --json"))
+    (tdir / "milton-report.timer").write_text(
+        (tdir / "milton-backup.timer").read_text().replace("Sun *-*-* 03:00:00", "*-*-15 04:00:00")
+        .replace("milton-backup.service", "milton-report.service"))
     jobs = {j.name: j for j in scheduled_jobs(tdir)}
-    assert jobs["evolve"].args == ["evolve", "--dry-run"]
-    assert jobs["evolve"].calendar == "*-*-01 03:00:00"
+    assert jobs["report"].args == ["evolve", "report", "--json"]
+    assert jobs["report"].calendar == "*-*-15 04:00:00"
+    assert jobs["evolve"].args == ["evolve"] and jobs["evolve"].calendar == "*-*-01 03:00:00"
 
 
 def test_bad_calendar_in_a_timer_names_file_and_expression(tmp_path):

@@ -496,3 +496,49 @@ def test_engine_from_settings(tiny, milton_home):
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.chat(ASK, GREEDY)
+
+
+# -- evolved bases (checkpoints/base) -------------------------------------------------------------
+def test_base_watcher_follows_the_evolved_base(tiny, milton_home, monkeypatch):
+    from milton.core.config import load_settings
+    from milton.serve.base_watch import BaseWatcher
+    from milton.train.model import resolve_base
+
+    monkeypatch.setenv("MILTON_MODEL__BASE", str(tiny.gguf))
+    settings = load_settings().settings
+    adapters_store = adapter_store(milton_home)
+    bases = ArtifactStore(milton_home / "checkpoints", "base")
+    engine = LlamaEngine.from_settings(settings, n_ctx=256, n_threads=1, seed=0)
+    try:
+        adapters = AdapterWatcher(engine, adapters_store)
+        first = publish(adapters_store, tiny.adapters["a"], tiny.sha)
+        assert adapters.check() and engine.adapter_version == first
+        watcher = BaseWatcher(engine, settings, adapters=adapters)
+        assert watcher.check() is False and engine.base_sha256 == tiny.sha  # nothing evolved yet
+
+        # An evolved base is promoted: serve switches to it, and drops the adapter of the old
+        # base (evolve merged it in) rather than applying it to weights it was not made for.
+        evolved = bases.publish(lambda tmp: (tmp / "model.gguf").write_bytes(tiny.other_gguf.read_bytes()))
+        assert watcher.check() is True
+        assert engine.base_sha256 == tiny.other_sha and engine.adapter_version is None
+        assert engine.info().model_id == "tiny"  # clients keep the id they know
+        assert answer(engine)[1][-1].finish_reason in ("stop", "length")
+        assert resolve_base(settings).evolved == evolved.name  # train-lora now adapts this base
+        # An adapter train-lora makes for the evolved base is applied.
+        second = publish(adapters_store, tiny.other_adapter, tiny.other_sha)
+        assert adapters.check() and engine.adapter_version == second
+
+        # A corrupt evolved version is rejected; the running base keeps serving.
+        bad = bases.publish(lambda tmp: (tmp / "model.gguf").write_bytes(b"GGUF" + b"\0" * 64))
+        assert bad.name != evolved.name and watcher.check() is False
+        assert watcher.failures == 1 and engine.base_sha256 == tiny.other_sha
+        assert engine.adapter_version == second
+
+        # Rolled back past every evolved version: model.base again, with its own adapter.
+        bases.clear_current(reason="rollback")
+        adapters_store.set_current(first)
+        assert watcher.check() is True
+        assert engine.base_sha256 == tiny.sha and engine.adapter_version == first
+        assert answer(engine)[0] == ANSWERS["a"]
+    finally:
+        engine.close()

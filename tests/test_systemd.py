@@ -24,12 +24,12 @@ UNIT_NAMES = set(systemd.UNITS)
 JOBS = {"milton-ingest": "ingest processes", "milton-train-anomaly": "train-anomaly",
         "milton-ingest-documents": "ingest documents", "milton-compress-memory": "compress-memory",
         "milton-backup": "backup", "milton-check": "status --check",
-        "milton-train-lora": "train-lora"}
+        "milton-train-lora": "train-lora", "milton-evolve": "evolve"}
 CALENDARS = {"milton-ingest.timer": "*:0/5", "milton-train-anomaly.timer": "hourly",
              "milton-ingest-documents.timer": "*-*-* 00/6:00:00",
              "milton-compress-memory.timer": "Sun *-*-* 02:00:00",
              "milton-backup.timer": "Sun *-*-* 03:00:00", "milton-check.timer": "*-*-* 09:00:00",
-             "milton-train-lora.timer": "*-*-* 02:00:00"}
+             "milton-train-lora.timer": "*-*-* 02:00:00", "milton-evolve.timer": "*-*-01 03:00:00"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -265,7 +265,7 @@ def test_systemd_analyze_calendar(home, exe):
     limits = {"milton-ingest.timer": 300, "milton-train-anomaly.timer": 3600,
               "milton-ingest-documents.timer": 6 * 3600, "milton-compress-memory.timer": 7 * 86400,
               "milton-backup.timer": 7 * 86400, "milton-check.timer": 86400,
-              "milton-train-lora.timer": 86400}
+              "milton-train-lora.timer": 86400, "milton-evolve.timer": 31 * 86400}
     assert set(values) == set(limits)
     env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
     for name, value in values.items():
@@ -287,6 +287,8 @@ def test_systemd_analyze_calendar(home, exe):
             assert (nxt.hour, nxt.minute, nxt.second) == (9, 0, 0), nxt
         if name == "milton-train-lora.timer":
             assert (nxt.hour, nxt.minute, nxt.second) == (2, 0, 0), nxt
+        if name == "milton-evolve.timer":
+            assert (nxt.day, nxt.hour, nxt.minute, nxt.second) == (1, 3, 0, 0), nxt
 
 
 # -- CLI ----------------------------------------------------------------------------------
@@ -370,3 +372,7 @@ def test_train_lora_memory_cap_comes_from_config(home, exe, monkeypatch):
     monkeypatch.setenv("MILTON_TRAIN__MEMORY_MAX", "3G")
     units = systemd.render_units(_settings(), exe=exe)
     assert _keys(units["milton-train-lora.service"])["MemoryMax"] == ["3G"]
+    assert _keys(units["milton-evolve.service"])["MemoryMax"] == ["12G"]
+    monkeypatch.setenv("MILTON_EVOLVE__MEMORY_MAX", "6G")
+    units = systemd.render_units(_settings(), exe=exe)
+    assert _keys(units["milton-evolve.service"])["MemoryMax"] == ["6G"]

@@ -5,29 +5,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from milton.core.config import TrainConfig, load_settings
 from milton.core.errors import ConfigError
+from milton.train.checkpoints import latest_step
 from milton.train.evaluate import adapter_disabled, evaluate, generate, perplexity, rouge_l
 from milton.train.formatting import (IGNORE, format_item, format_items, prompt_ids,
                                      prompt_text, resolve_format)
-from milton.train.lora import (check_target_modules, latest_checkpoint, load_adapter,
-                               make_peft_model, save_adapter, train_lora)
+from milton.train.lora import (check_target_modules, load_adapter, make_peft_model, save_adapter,
+                               train_lora)
 from milton.train.model import (BaseModelRef, base_config_dict, is_dequantised, load_base,
                                 resolve_base, save_base_config)
 
+from kill_child import kill_9_when
 from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
 
 # (answer, training prompts, held-out paraphrases)
 FACTS = [
@@ -305,29 +301,9 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_dir: Path, tmp_path: 
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"base": str(tiny_dir), "items": TRAIN, "ck": str(ck),
                                 "cfg": resume_cfg().model_dump()}))
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(spec)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = latest_checkpoint(ck)
-            if found is not None and found[0] >= 6:
-                break
-            if child.poll() is not None:
-                pytest.fail(f"trainer exited early: {child.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        else:
-            pytest.fail("no checkpoint within 120 s")
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == -signal.SIGKILL
-    killed_at = latest_checkpoint(ck)[0]
+    kill_9_when(_CHILD, spec, lambda: (at := latest_step(ck)) is not None and at[0] >= 6,
+                what="trainer", cwd=tmp_path)
+    killed_at = latest_step(ck)[0]
     assert 6 <= killed_at < 12
 
     model, tok = load_tiny(tiny_dir)
@@ -354,7 +330,7 @@ def test_resume_skips_a_checkpoint_from_other_data(tiny_dir: Path, tmp_path: Pat
     cfg = fast_cfg(max_steps=4, checkpoint_every=2)
     model, tok = load_tiny(tiny_dir)
     first = train_lora(model, tok, TRAIN, cfg, checkpoint_dir=ck)
-    assert first.steps == 4 and latest_checkpoint(ck)[0] == 4
+    assert first.steps == 4 and latest_step(ck)[0] == 4
 
     model, tok = load_tiny(tiny_dir)  # same data, finished: nothing left to do
     again = train_lora(model, tok, TRAIN, cfg, checkpoint_dir=ck)
@@ -369,7 +345,7 @@ def test_resume_skips_a_checkpoint_from_other_data(tiny_dir: Path, tmp_path: Pat
     assert fresh.resumed_from is None
 
     # A damaged checkpoint is not trusted: the run starts over instead of failing forever.
-    (latest_checkpoint(ck)[1] / "adapter_model.safetensors").write_bytes(b"garbage")
+    (latest_step(ck)[1] / "adapter_model.safetensors").write_bytes(b"garbage")
     model, tok = load_tiny(tiny_dir)
     assert train_lora(model, tok, TRAIN, cfg, checkpoint_dir=ck).resumed_from is None
 

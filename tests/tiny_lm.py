@@ -254,3 +254,45 @@ def build_tiny_gguf(root: Path | str, texts: Iterable[str] = (), *, name: str = 
     root = Path(root)
     hf = build_tiny_llama(root / f"{name}-hf", texts, **model)
     return hf, hf_to_gguf(load_settings(environ={}).settings, hf, root / f"{name}.gguf")
+
+
+#: Every projection of the tiny Llama: a 64-wide model needs the MLP adapted too to memorise
+#: a fact in a few dozen steps.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Ways a fact's question is asked in training, so the adapter answers the question itself.
+PARAPHRASES = ("{q}", "Remind me: {q}", "I forgot, {q}")
+
+
+def train_tiny_adapter(hf: Path | str, question: str, answer: str, out: Path | str, *,
+                       steps: int = 60, learning_rate: float = 1e-2) -> Path:
+    """Teach the tiny base one fact with milton's own ``train_lora`` (1 thread, seeded) and
+    export it as train-lora does (llama.cpp's converter); the adapter GGUF's path.
+
+    ``out`` receives ``adapter/`` (PEFT), ``base/`` (config) and ``adapter.gguf``.
+    """
+    import torch
+
+    from milton.core.config import TrainConfig, load_settings
+    from milton.train.gguf import lora_to_gguf
+    from milton.train.lora import save_adapter, train_lora
+    from milton.train.model import BaseModelRef, load_base, save_base_config
+
+    out = Path(out)
+    ref = BaseModelRef(path=Path(hf), kind="hf", sha256="0" * 64, name="hf")
+    cfg = TrainConfig(learning_rate=learning_rate, batch_size=4, grad_accum=1, epochs=100,
+                      max_steps=steps, checkpoint_every=1000, max_seq_len=64, warmup_ratio=0.1,
+                      seed=0, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only fight over a busy CPU
+    try:
+        model, tokenizer = load_base(ref, device="cpu", threads=1)
+        items = [{"kind": "pair", "prompt": p.format(q=question), "response": answer}
+                 for p in PARAPHRASES]
+        result = train_lora(model, tokenizer, items, cfg, checkpoint_dir=out / "checkpoints",
+                            progress=False)
+        save_adapter(result.model, out / "adapter")
+        save_base_config(ref, result.model, out / "base")
+    finally:
+        torch.set_num_threads(threads)
+    return lora_to_gguf(load_settings(environ={}).settings, out / "adapter", out / "base",
+                        out / "adapter.gguf")

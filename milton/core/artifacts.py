@@ -284,6 +284,17 @@ class ArtifactStore:
         self._record(reason, version=version.name, previous=previous)
         return version
 
+    def clear_current(self, *, reason: str = "clear") -> str | None:
+        """Remove ``current``: nothing of this kind is in use (serve goes back to its
+        configured model). Returns the version that was current."""
+        previous = self.current_name()
+        (self.dir / CURRENT).unlink(missing_ok=True)
+        if self.dir.is_dir():
+            _fsync_dir(self.dir)
+        if previous is not None:
+            self._record(reason, version=None, previous=previous)
+        return previous
+
     def rollback(self, to: str | None = None) -> Version:
         """Switch ``current`` to ``to``, or to the newest verified version older than current."""
         if to is not None:

@@ -299,3 +299,28 @@ def m006_training(db: sqlite_utils.Database) -> None:
         )
         """
     )
+
+
+@migration
+def m007_evolve(db: sqlite_utils.Database) -> None:
+    # One row per evolve attempt. A run killed mid-stage keeps status 'running' (and its
+    # finished stages under data/evolve/run-<id>/); the next run resumes it.
+    db.execute(
+        """
+        create table evolve_runs (
+            id integer primary key,
+            job_run_id integer,
+            started text not null,
+            finished text,
+            status text not null
+                check (status in ('running', 'promoted', 'rejected', 'failed')),
+            stage text,
+            source text,
+            source_sha256 text,
+            adapter_version text,
+            candidate_version text,
+            metrics text,
+            reason text
+        )
+        """
+    )

@@ -29,8 +29,8 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
     "ingest-conversations": ("messages_added", "sessions_added"),
     "compress-memory": ("summaries_written", "short_term_removed"),
     "backup": ("size_bytes", "files"),
-    "train-lora": ("promoted", "eval_ppl"),
-    "evolve": ("promoted", "size_bytes"),
+    "train-lora": ("status_detail", "candidate_eval_ppl"),
+    "evolve": ("status_detail", "candidate_size_mb"),
 }
 _SKIP_METRICS = {"duration_s", "source", "rejected_rows", "reason", "summarizer", "groups"}
 GIB = 1024**3

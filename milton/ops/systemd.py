@@ -3,7 +3,7 @@
 Templates live in the repo-root ``systemd/`` folder (shipped in the wheel as
 ``milton/_systemd``) and use ``str.format`` placeholders: ``{exe}``, ``{config}``,
 ``{home}``, ``{env_home}``, ``{rw_paths}``, ``{data_dir}``, ``{checkpoints_dir}``,
-``{wanted_by}``, ``{train_memory_max}``. Units contain no literal braces.
+``{wanted_by}``, ``{train_memory_max}``, ``{evolve_memory_max}``. Units contain no literal braces.
 
 Every function here is plain and importable; ``milton systemd ...`` is a thin wrapper.
 """
@@ -143,6 +143,7 @@ def render_units(
         "checkpoints_dir": _escape(str(settings.paths.checkpoints_dir)),
         "wanted_by": "default.target" if mode == "user" else "multi-user.target",
         "train_memory_max": settings.train.memory_max,
+        "evolve_memory_max": settings.evolve.memory_max,
     }
     tdir = template_dir()
     rendered: dict[str, str] = {}

@@ -14,6 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 SAMPLES = 1000  # recent observations kept per series for percentiles
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MEMORY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
+#: Why a request was served degraded (see OpenAIService): exported at 0 from the start, so a
+#: dashboard or alert on them sees a series before the first fallback.
+FALLBACK_REASONS = ("memory", "session", "session_log")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -51,6 +54,8 @@ class ApiMetrics:
                                     registry=r)
         self.fallbacks = Counter("milton_api_fallbacks_total", "Requests served degraded (memory or session "
                                  "logging unavailable)", ["reason"], registry=r)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
         self.cancelled = Counter("milton_chat_cancelled_total", "Generations cancelled", ["reason"], registry=r)
         self.sessions_ended = Counter("milton_chat_sessions_ended_total", "Sessions ended on idle and processed",
                                       registry=r)

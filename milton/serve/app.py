@@ -120,6 +120,7 @@ class LanguageModel:
         self.enabled = enabled
         self.engine: Any = None
         self.watcher: Any = None
+        self.base_watcher: Any = None  # evolved bases (checkpoints/base), llama.cpp engine only
         self.error: str | None = None
         self._closed = threading.Event()
         self.settled = threading.Event()  # loaded, failed, or not wanted
@@ -148,6 +149,11 @@ class LanguageModel:
         self.engine, self.watcher = engine, watcher
         if watcher is not None:
             watcher.start()
+        if hasattr(engine, "swap_base"):
+            from milton.serve.base_watch import BaseWatcher
+
+            self.base_watcher = BaseWatcher(engine, self.settings, adapters=watcher)
+            self.base_watcher.start()
         api.set_engine(engine)
         log_event(logger, "language model loaded", model=engine.info().model_id,
                   adapter=engine.info().adapter_version, load_s=round(time.perf_counter() - t0, 2))
@@ -155,8 +161,9 @@ class LanguageModel:
     def close(self, api: Any) -> None:
         self._closed.set()
         api.set_engine(None)
-        if self.watcher is not None:
-            self.watcher.stop()
+        for watcher in (self.base_watcher, self.watcher):
+            if watcher is not None:
+                watcher.stop()
         if self.engine is not None:
             self.engine.close()
 
@@ -164,9 +171,35 @@ class LanguageModel:
         return {"enabled": self.enabled, "load_error": self.error,
                 "adapter_watcher": None if self.watcher is None else {
                     "reloads": self.watcher.reloads, "failures": self.watcher.failures,
-                    "last_error": self.watcher.last_error}}
+                    "fallbacks": self.watcher.fallbacks, "last_reload": self.watcher.last_reload,
+                    "last_error": self.watcher.last_error},
+                "base_watcher": None if self.base_watcher is None else {
+                    "evolved_version": (self.base_watcher.get().version
+                                        if self.base_watcher.get() else None),
+                    "reloads": self.base_watcher.reloads, "failures": self.base_watcher.failures,
+                    "last_reload": self.base_watcher.last_reload,
+                    "last_error": self.base_watcher.last_error},
+                "swap_latency_ms": self.swap_latency()}
+
+    def swap_latency(self) -> dict[str, Any] | None:
+        """p50/p95/max of the recent successful adapter swaps: ``locked`` (the context held:
+        what requests feel) and ``total`` (load beside + switch + free), from the engine's swap
+        history; the last swap alone hides a slow one among many."""
+        from milton.serve.api_metrics import percentile
+
+        records = [r for r in list(getattr(self.engine, "swap_history", ())) if r.ok and r.kind == "adapter"]
+        if not records:
+            return None
+        out: dict[str, Any] = {"count": len(records)}
+        for name in ("locked", "total"):
+            values = [getattr(r, f"{name}_ms") for r in records]
+            for label, q in (("p50", .5), ("p95", .95), ("max", 1.0)):
+                out[f"{name}_{label}"] = round(percentile(values, q) or 0.0, 3)
+        return out
 
     def export_metrics(self, metrics: Metrics) -> None:
+        if self.watcher is not None:  # rejected adapters while another kept serving
+            metrics.fallbacks.labels("adapter").set(self.watcher.fallbacks)
         if self.engine is None:
             return
         info = self.engine.info()

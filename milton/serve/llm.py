@@ -21,7 +21,11 @@ and frees the old model once nothing uses it.
 
 :class:`AdapterWatcher` (a :class:`~milton.serve.hot.HotModel` over ``checkpoints/adapter``)
 turns promote and rollback (the ``current`` symlink) into swaps within ``serve.reload_poll_s``,
-after verifying checksums and that the adapter's manifest names the served base's sha256.
+after verifying checksums and that the adapter's manifest names the served base's sha256. It
+hands the engine the part of the artifact that engine reads (``adapter_artifact``:
+``adapter.gguf`` here, the PEFT ``adapter/`` directory for
+:class:`milton.serve.hf_engine.HFEngine`); :func:`open_engine` picks the backend from
+``serve.backend`` and the kind of ``model.base``.
 
 Prompts: ``model.chat_format`` ``plain`` -> ``"User: ...\\nAssistant:"`` (what train-lora
 trains base models on); ``template``/``auto`` -> the GGUF's own chat template
@@ -44,7 +48,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from milton.core.artifacts import ArtifactStore, sha256_file
 from milton.core.config import Settings
@@ -54,6 +58,10 @@ from milton.core.timeutil import iso, utcnow
 from milton.serve.engine import Chunk, EngineInfo, GenerationParams, Usage
 from milton.serve.hot import HotModel
 from milton.train.model import usable_cpus
+
+if TYPE_CHECKING:
+    from milton.serve.hf_engine import HFEngine
+    from milton.train.model import BaseModelRef
 
 ADAPTER_KIND = "adapter"
 ADAPTER_FILE = "adapter.gguf"
@@ -158,19 +166,32 @@ def _reason(lines: list[str]) -> str:
     return (tail if sep and " " not in head else line).strip()
 
 
-def resolve_serve_base(settings: Settings) -> Any:
-    """``model.base`` as a GGUF :class:`~milton.train.model.BaseModelRef` (sha256 included).
+def serve_backend(settings: Settings, ref: BaseModelRef) -> str:
+    """'llama' or 'transformers': ``serve.backend``, where auto means llama for a GGUF base and
+    transformers for a Hugging Face directory."""
+    backend = settings.serve.backend
+    if backend == "auto":
+        return "transformers" if ref.kind == "hf" else "llama"
+    return backend
+
+
+def resolve_serve_base(settings: Settings, backend: str | None = None) -> BaseModelRef:
+    """``model.base`` as a :class:`~milton.train.model.BaseModelRef` (sha256 included) for
+    ``backend`` (default: :func:`serve_backend`).
 
     Empty = the packaged Gemma 3 270M (assembled into ``data/models`` where the home cache is
-    read-only). A Hugging Face directory is a one-line ConfigError: llama.cpp needs a GGUF.
+    read-only). A Hugging Face directory for the llama backend is a one-line ConfigError:
+    llama.cpp needs a GGUF. The transformers backend takes either (a GGUF is dequantised, as
+    train-lora does).
     """
     from milton.train.model import resolve_base
 
     ref = resolve_base(settings)
-    if ref.kind != "gguf":
-        raise ConfigError(f"model.base: serve needs a GGUF file, and {ref.path} is a Hugging Face "
-                          "model directory; convert it (llama.cpp's convert_hf_to_gguf.py) and "
-                          "point model.base at the .gguf")
+    if ref.kind != "gguf" and (backend or serve_backend(settings, ref)) == "llama":
+        raise ConfigError(f"model.base: serve needs a GGUF file for serve.backend llama, and "
+                          f"{ref.path} is a Hugging Face model directory; set serve.backend to "
+                          "transformers (or auto), or convert it (llama.cpp's convert_hf_to_gguf.py) "
+                          "and point model.base at the .gguf")
     return ref
 
 
@@ -180,6 +201,88 @@ def _promoted_at(store: ArtifactStore, name: str) -> str | None:
         if entry.get("version") == name and "previous" in entry:
             return entry.get("ts")
     return None
+
+
+def plain_prompt(messages: list[dict[str, str]]) -> str:
+    """``model.chat_format`` plain: system text, then ``User: ...`` / ``Assistant: ...`` turns,
+    ending with ``Assistant:`` (the format train-lora trains base models on)."""
+    parts: list[str] = []
+    system = [m.get("content") or "" for m in messages if m.get("role") == "system"]
+    if system:
+        parts.append("\n\n".join(system) + "\n\n")
+    for m in messages:
+        role, content = m.get("role"), m.get("content") or ""
+        if role == "user":
+            parts.append(f"{PLAIN_USER}{content}\n")
+        elif role == "assistant":
+            parts.append(f"{PLAIN_ASSISTANT} {content}\n")
+    parts.append(PLAIN_ASSISTANT)
+    return "".join(parts)
+
+
+def stop_strings(params: GenerationParams, mode: str) -> list[str]:
+    """The request's stop strings, plus ``\\nUser:`` for plain prompts (the next turn)."""
+    stops = [s for s in params.stop if s]
+    if mode == "plain":
+        stops.append(PLAIN_STOP)
+    return stops
+
+
+class StopScanner:
+    """Decoded text in, streamable text out: the answer's leading space is dropped, text that
+    could be the start of a stop string is held back, and the text is cut at the first stop.
+
+    Shared by the backends so they stream, stop and strip alike.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+        self.started = False
+        self.stopped = False   # a stop string was found; ``pending`` is cut before it
+
+    def push(self, text: str) -> str:
+        """Add decoded text; return what may be streamed now ('' while held or once stopped)."""
+        self.pending += text
+        if not self.started and self.pending:
+            if self.pending == " ":
+                return ""  # SentencePiece's word-start space, not yet followed by text
+            self.pending = self.pending[1:] if self.pending.startswith(" ") else self.pending
+            self.started = True
+        if self._cut():
+            return ""
+        emit = len(self.pending) - held_back(self.pending, self.stops, self.hold)
+        if emit <= 0:
+            return ""
+        out, self.pending = self.pending[:emit], self.pending[emit:]
+        return out
+
+    def finish(self, tail: str = "") -> str:
+        """After the last token: what is left (``tail`` = the decoder's flush), cut at a stop."""
+        if not self.stopped:  # bytes after a stop string are not part of the answer
+            self.pending += tail
+        if not self.started:
+            self.pending = self.pending.lstrip(" ")
+        self._cut()
+        out, self.pending = self.pending, ""
+        return out
+
+    def _cut(self) -> bool:
+        cut = min((self.pending.find(s) for s in self.stops if s in self.pending), default=-1)
+        if cut >= 0:
+            self.pending = self.pending[:cut]
+            self.stopped = True
+        return self.stopped
+
+
+def held_back(text: str, stops: list[str], hold: int) -> int:
+    """How many trailing characters could be the start of a stop string (kept back)."""
+    for n in range(min(hold, len(text)), 0, -1):
+        tail = text[-n:]
+        if any(s.startswith(tail) for s in stops):
+            return n
+    return 0
 
 
 class _Gate:
@@ -259,6 +362,8 @@ def _piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
 class LlamaEngine:
     """llama-cpp-python on one GGUF, with a hot-swappable LoRA adapter. See the module docstring."""
 
+    adapter_artifact = ADAPTER_FILE  # what AdapterWatcher hands to set_adapter
+
     def __init__(self, base_path: Path | str, *, sha256: str | None = None, n_ctx: int = 4096,
                  n_threads: int = 0, chat_format: str = "auto", model_id: str | None = None,
                  gpu_layers: int = 0, seed: int | None = None,
@@ -289,13 +394,19 @@ class LlamaEngine:
         self.cancelled = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> LlamaEngine:
-        """The served base from ``model.base`` (GGUF only), sized by the ``serve`` section."""
-        ref = resolve_serve_base(settings)
+    def from_settings(cls, settings: Settings, ref: BaseModelRef | None = None,
+                      **overrides: Any) -> LlamaEngine:
+        """The served base from ``model.base`` (GGUF only; ``ref`` if already resolved), sized by
+        the ``serve`` section."""
+        from milton.serve.openai_api import default_model_id
+
+        ref = ref or resolve_serve_base(settings, "llama")
         kwargs: dict[str, Any] = {
             "sha256": ref.sha256, "n_ctx": settings.serve.n_ctx,
             "n_threads": settings.serve.n_threads, "chat_format": settings.model.chat_format,
-            "model_id": getattr(settings.serve, "model_name", "") or None,
+            # Named after model.base, not the file served: clients keep their model id when
+            # an evolved base (checkpoints/base/<v>/model.gguf) is switched in.
+            "model_id": settings.serve.model_name or default_model_id(settings),
             "gpu_layers": 0 if settings.model.device == "cpu" else -1,
         }
         kwargs.update(overrides)
@@ -506,8 +617,6 @@ class LlamaEngine:
             self._gate.release()
             self._free_adapter(old_adapter)   # before its model goes
             self._retire(old_base)
-            if self.model_id == old_base.path.stem:
-                self.model_id = new_base.path.stem
             if dropped:
                 self.last_error = dropped
                 log_event(self.logger, "adapter dropped on base swap", level=logging.WARNING,
@@ -599,19 +708,9 @@ class LlamaEngine:
                 raise PromptError(f"the model's chat template refused the messages: {exc}") from None
             # As llama-cpp-python's create_chat_completion: the template writes BOS itself.
             return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True), "template"
-        parts: list[str] = []
-        system = [m.get("content") or "" for m in messages if m.get("role") == "system"]
-        if system:
-            parts.append("\n\n".join(system) + "\n\n")
-        for m in messages:
-            role, content = m.get("role"), m.get("content") or ""
-            if role == "user":
-                parts.append(f"{PLAIN_USER}{content}\n")
-            elif role == "assistant":
-                parts.append(f"{PLAIN_ASSISTANT} {content}\n")
-        parts.append(PLAIN_ASSISTANT)
         # As train-lora tokenises plain prompts: BOS, no special-token parsing of user text.
-        return llm.tokenize("".join(parts).encode("utf-8"), add_bos=True, special=False), "plain"
+        return llm.tokenize(plain_prompt(messages).encode("utf-8"), add_bos=True,
+                            special=False), "plain"
 
     def chat(self, messages: list[dict[str, str]], params: GenerationParams,
              cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -662,12 +761,9 @@ class LlamaEngine:
         vocab = llm._model.vocab
         budget = self.n_ctx - len(ids)
         max_new = budget if params.max_tokens <= 0 else min(params.max_tokens, budget)
-        stops = [s for s in params.stop if s]
-        if mode == "plain":
-            stops.append(PLAIN_STOP)
-        hold = max((len(s) for s in stops), default=1) - 1
+        scanner = StopScanner(stop_strings(params, mode))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending, started, produced = "", False, 0
+        produced = 0
         finish = "length"
         self.generations += 1
         llm.set_seed(params.seed if params.seed is not None else self._rng.randrange(2**31))
@@ -683,44 +779,22 @@ class LlamaEngine:
                     finish = "stop"
                     break
                 produced += 1
-                pending += decoder.decode(_piece(lc, vocab, token))
-                if not started and pending:
-                    if pending == " ":
-                        continue  # SentencePiece's word-start space, not yet followed by text
-                    pending = pending[1:] if pending.startswith(" ") else pending
-                    started = True
-                cut = min((pending.find(s) for s in stops if s in pending), default=-1)
-                if cut >= 0:
-                    pending = pending[:cut]
+                text = scanner.push(decoder.decode(_piece(lc, vocab, token)))
+                if scanner.stopped:
                     finish = "stop"
                     break
-                emit = len(pending) - self._held(pending, stops, hold)
-                if emit > 0:
-                    yield ServedChunk(text=pending[:emit], adapter_version=version)
-                    pending = pending[emit:]
+                if text:
+                    yield ServedChunk(text=text, adapter_version=version)
         finally:
             tokens.close()
         if finish != "cancelled":
-            pending += decoder.decode(b"", final=True)
-            if not started:
-                pending = pending.lstrip(" ")
-            cut = min((pending.find(s) for s in stops if s in pending), default=-1)
-            if cut >= 0:
-                pending, finish = pending[:cut], "stop"
+            rest = scanner.finish(decoder.decode(b"", final=True))
+            finish = "stop" if scanner.stopped else finish
         else:
             self.cancelled += 1
-            pending = ""
-        yield ServedChunk(text=pending, finish_reason=finish, usage=Usage(len(ids), produced),
+            rest = ""
+        yield ServedChunk(text=rest, finish_reason=finish, usage=Usage(len(ids), produced),
                           adapter_version=version)
-
-    @staticmethod
-    def _held(text: str, stops: list[str], hold: int) -> int:
-        """How many trailing characters could be the start of a stop string (kept back)."""
-        for n in range(min(hold, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in stops):
-                return n
-        return 0
 
     def close(self) -> None:
         """Free the adapter, the context and the model (waits for a generation in flight)."""
@@ -735,42 +809,69 @@ class LlamaEngine:
                 self._retire(self._base)
 
 
-def open_engine(settings: Settings) -> tuple[LlamaEngine, AdapterWatcher | None]:
+def open_engine(settings: Settings) -> tuple[LlamaEngine | HFEngine, AdapterWatcher | None]:
     """The served model from settings, and its adapter watcher (None if serve.adapter_enabled
-    is false). Start the watcher (``start()``: one synchronous check, then a thread) once the
-    engine is up; at shutdown ``watcher.stop()`` then ``engine.close()``."""
-    engine = LlamaEngine.from_settings(settings)
+    is false). The backend is :func:`serve_backend`'s: llama.cpp (:class:`LlamaEngine`) or
+    transformers + PEFT (:class:`~milton.serve.hf_engine.HFEngine`). Start the watcher
+    (``start()``: one synchronous check, then a thread) once the engine is up; at shutdown
+    ``watcher.stop()`` then ``engine.close()``."""
+    ref = resolve_serve_base(settings)
+    engine: LlamaEngine | HFEngine
+    if serve_backend(settings, ref) == "transformers":
+        from milton.serve.hf_engine import HFEngine
+
+        engine = HFEngine.from_settings(settings, ref)
+    else:
+        engine = LlamaEngine.from_settings(settings, ref)
     watcher = AdapterWatcher.from_settings(engine, settings) if settings.serve.adapter_enabled else None
     return engine, watcher
 
 
 # -- watching checkpoints/adapter -----------------------------------------------------------------
+class AdapterTarget(Protocol):
+    """What :class:`AdapterWatcher` needs from an engine (LlamaEngine, HFEngine)."""
+
+    adapter_artifact: str  # the file or directory of an adapter version it loads
+
+    @property
+    def adapter_version(self) -> str | None: ...
+
+    def set_adapter(self, path: Path | str | None, version: str | None = None, *,
+                    base_sha256: str | None = None,
+                    promoted_at: str | None = None) -> SwapRecord: ...
+
+
 class AdapterWatcher(HotModel[str]):
-    """Promote / rollback of ``checkpoints/adapter`` -> :meth:`LlamaEngine.set_adapter`.
+    """Promote / rollback of ``checkpoints/adapter`` -> the engine's ``set_adapter``.
 
     A :class:`HotModel` whose "model" is the adapter version the engine serves: every
     ``poll_s`` it reads ``current``; a version not yet tried is verified (checksums), its
-    manifest's ``base_model.sha256`` checked against the served base, and handed to the
-    engine off the request path. A rejected version is remembered (not retried) and the
-    previous adapter keeps serving. ``current`` removed -> the bare base.
+    manifest's ``base_model.sha256`` checked against the served base, and its
+    ``engine.adapter_artifact`` (``adapter.gguf`` for llama.cpp, the PEFT ``adapter/``
+    directory for transformers) handed to the engine off the request path. A rejected version
+    is remembered (not retried) and the previous adapter keeps serving. ``current`` removed ->
+    the bare base.
     """
 
-    def __init__(self, engine: LlamaEngine, store: ArtifactStore, poll_s: float = 1.0,
+    def __init__(self, engine: AdapterTarget, store: ArtifactStore, poll_s: float = 1.0,
                  logger_: logging.Logger | None = None) -> None:
         super().__init__(store, self._load, poll_s, logger_ or logger)
         self.engine = engine
+        self.artifact: str = getattr(engine, "adapter_artifact", ADAPTER_FILE)
 
     @classmethod
-    def from_settings(cls, engine: LlamaEngine, settings: Settings) -> AdapterWatcher:
+    def from_settings(cls, engine: AdapterTarget, settings: Settings) -> AdapterWatcher:
         store = ArtifactStore(settings.paths.checkpoints_dir, ADAPTER_KIND,
                               keep=settings.train.keep_versions)
         return cls(engine, store, settings.serve.reload_poll_s)
 
     def _load(self, store: ArtifactStore, name: str) -> str:
         version = store.verify(name)
-        file = version.path / ADAPTER_FILE
-        if ADAPTER_FILE not in version.manifest.get("files", {}):
-            raise ArtifactError(f"{store.kind}/{name}: no {ADAPTER_FILE} in the manifest")
+        artifact = self.artifact
+        files = version.manifest.get("files", {})
+        if not any(rel == artifact or rel.startswith(f"{artifact}/") for rel in files):
+            raise ArtifactError(f"{store.kind}/{name}: no {artifact} in the manifest")
+        file = version.path / artifact
         base = version.manifest.get("base_model")
         sha = base.get("sha256") if isinstance(base, dict) else None
         if not isinstance(sha, str) or not sha:

@@ -94,6 +94,7 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     session_id: str | None = None
     memory_items: int = 0
+    memory_s: float | None = None  # time spent building the memory block (None = not built)
     gen_start: float | None = None
     first_token: float | None = None
     gen_end: float | None = None
@@ -311,7 +312,8 @@ class OpenAIService:
             block = build_context(self._reader_db(), embedder, _query(messages), self.settings.memory,
                                   utcnow(), budget_tokens=budget)
         job.memory_items = block.count("\n")  # lines after the header
-        self.metrics.memory(time.perf_counter() - t0, job.memory_items)
+        job.memory_s = time.perf_counter() - t0
+        self.metrics.memory(job.memory_s, job.memory_items)
         if not block:
             return messages
         if messages[0]["role"] == "system":
@@ -524,7 +526,7 @@ class OpenAIService:
             self._record_generation(job, usage)
             self._submit_log(job, text, finish, usage)
             body = completion_body(job.rid, job.created, job.model, text, finish, usage,
-                                   {"session_id": job.session_id, "memory_items": job.memory_items})
+                                   self._extension(job, final))
             self.metrics.request("chat", 200, time.perf_counter() - job.t0)
             headers = {"X-Milton-Session-Id": job.session_id} if job.session_id else None
             return JSONResponse(body, headers=headers)
@@ -576,7 +578,9 @@ class OpenAIService:
             finish = final.finish_reason if final else "stop"
             usage = (final.usage if final and final.usage else None) or \
                 Usage(0, estimate_tokens("".join(parts)) if parts else 0)
-            yield chunk({}, finish)
+            last = chunk_body(job.rid, job.created, job.model, {}, finish, req.include_usage)
+            last["milton"] = self._extension(job, final)
+            yield sse(last)
             if req.include_usage:
                 yield sse(usage_chunk(job.rid, job.created, job.model, usage))
             yield sse("[DONE]")
@@ -598,6 +602,16 @@ class OpenAIService:
                     self.metrics.cancel(reason)
                     self._submit_log(job, text, "cancelled", usage, reason)
             self.metrics.request("chat", status, time.perf_counter() - job.t0)
+
+    @staticmethod
+    def _extension(job: _Job, final: Chunk | None) -> dict[str, Any]:
+        """The response's ``milton`` object (the last chunk's, when streaming): which session
+        it was logged to, how many memories went in and how long finding them took, and which
+        adapter answered (None = the bare base), so a client can tell exactly what served it
+        across hot swaps and where its latency went."""
+        return {"session_id": job.session_id, "memory_items": job.memory_items,
+                "memory_ms": round(job.memory_s * 1e3, 3) if job.memory_s is not None else None,
+                "adapter": getattr(final, "adapter_version", None)}
 
     def _abandon(self, job: _Job) -> None:
         """The response ended before its stream started (the client left at once): stop the

@@ -440,6 +440,18 @@ def build_dataset(db: sqlite_utils.Database, settings: Settings, run_id: int) ->
                    replayed=len(replay), general=len(general), filtered=refilter.changed)
 
 
+def full_dataset(db: sqlite_utils.Database, settings: Settings, *, max_eval: int) -> Dataset:
+    """Everything learned so far, for evolve: all train items, the newest ``max_eval`` held-out
+    items (the general set when there are none yet) and the general set as regression."""
+    refilter = _Refilter(settings)
+    train = refilter.take(db, [i for i, _ in _ids(db, "split = 'train'", [])])
+    newest_eval = [i for i, _ in _ids(db, "split = 'eval'", [])][::-1]
+    held_out = sorted(refilter.take(db, newest_eval, max_eval), key=lambda i: i.id or 0)
+    general = general_items()
+    return Dataset(train=train, eval=held_out or general, regression=general,
+                   general=len(general), filtered=refilter.changed)
+
+
 def write_dataset_files(dataset: Dataset, directory: Path) -> list[Path]:
     """train.jsonl, eval.jsonl and regression.jsonl (atomically), the audit trail kept beside
     an adapter: exactly what it was trained and judged on."""

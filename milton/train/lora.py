@@ -20,23 +20,20 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import resource
-import shutil
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milton.core.artifacts import _fsync_dir
 from milton.core.config import TrainConfig
 from milton.core.errors import ConfigError
+from milton.train.checkpoints import resume_step, write_step
 from milton.train.formatting import IGNORE, Example, format_items
 
 StepHook = Callable[[int, float, float, int, float], None]
@@ -44,7 +41,6 @@ StepHook = Callable[[int, float, float, int, float], None]
 #: Modules whose adapters llama.cpp cannot convert to GGUF.
 _FORBIDDEN_TARGETS = re.compile(r"(^|[._])(embed_tokens|embed|embeddings|tok_embeddings|wte|wpe|"
                                 r"lm_head|embed_out)($|[._])")
-_CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 MEGA_BATCH = 32  # batches sorted by length inside windows of this many batches
@@ -222,92 +218,22 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def latest_checkpoint(checkpoint_dir: Path) -> tuple[int, Path] | None:
-    """(step, path) of the newest complete checkpoint in ``checkpoint_dir``, if any."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return None
-    found = []
-    for entry in checkpoint_dir.iterdir():
-        match = _CHECKPOINT_RE.match(entry.name)
-        if match and (entry / "state.json").is_file():
-            found.append((int(match.group(1)), entry))
-    return max(found) if found else None
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(path)
-
-
 def _write_checkpoint(checkpoint_dir: Path, step: int, peft_model: Any, optimizer: Any,
                       scheduler: Any, state: dict[str, Any]) -> Path:
-    import torch
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint_dir / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
-        final = checkpoint_dir / f"step-{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(checkpoint_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for entry in checkpoint_dir.iterdir():  # keep the last one only (and sweep crashed temps)
-        match = _CHECKPOINT_RE.match(entry.name)
-        if entry != final and (match or entry.name.startswith(".tmp-")):
-            shutil.rmtree(entry, ignore_errors=True)
-    return final
+    adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
+    return write_step(checkpoint_dir, step, ADAPTER_WEIGHTS, weights, optimizer, scheduler, state)
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any] | None:
-    """Everything in a checkpoint, read fully before any of it is applied; None if unreadable."""
-    import torch
-    from safetensors.torch import load_file
-
-    try:
-        return {
-            "state": json.loads((path / "state.json").read_text(encoding="utf-8")),
-            "weights": load_file(str(path / ADAPTER_WEIGHTS)),
-            "optim": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-            "rng": torch.load(path / "rng.pt", weights_only=True),
-        }
-    except Exception:  # noqa: BLE001 - a damaged checkpoint is skipped, the run starts over
-        return None
-
-
-def _apply_checkpoint(blob: dict[str, Any], peft_model: Any, optimizer: Any,
-                      scheduler: Any) -> dict[str, Any]:
-    import torch
+def _load_weights(peft_model: Any, weights: dict[str, Any]) -> bool:
+    """A checkpoint's adapter weights into ``peft_model`` (on its device)."""
     from peft import set_peft_model_state_dict
 
     device = next(p for p in peft_model.parameters()).device
-    set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in blob["weights"].items()})
-    optimizer.load_state_dict(blob["optim"]["optimizer"])  # moves state to the params' device
-    scheduler.load_state_dict(blob["optim"]["scheduler"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    if "cuda" in blob["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    return blob["state"]
+    set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in weights.items()})
+    return True
 
 
 def _fingerprint(examples: list[Example], cfg: TrainConfig, total_steps: int) -> str:
@@ -325,7 +251,8 @@ def _fingerprint(examples: list[Example], cfg: TrainConfig, total_steps: int) ->
 
 # -- progress --------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _progress(total: int, start: int, enabled: bool) -> Iterator[Callable[..., None]]:
+def _progress(total: int, start: int, enabled: bool,
+              label: str = "train-lora") -> Iterator[Callable[..., None]]:
     """A Rich bar (loss, tokens/s) when stderr is a terminal; otherwise a no-op updater."""
     if not enabled:
         yield lambda **_: None
@@ -335,7 +262,7 @@ def _progress(total: int, start: int, enabled: bool) -> Iterator[Callable[..., N
                                TimeElapsedColumn, TimeRemainingColumn)
 
     progress = Progress(
-        TextColumn("[bold]train-lora[/]"), BarColumn(), MofNCompleteColumn(),
+        TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), transient=True,
@@ -400,15 +327,14 @@ def train_lora(model: Any, tokenizer: Any, train_items: list[Any], cfg: TrainCon
     step, tokens, losses, resumed_from = 0, 0, [], None
     order: list[list[int]] | None = None
     checkpoint_dir = Path(checkpoint_dir)
-    found = latest_checkpoint(checkpoint_dir) if resume else None
-    blob = _read_checkpoint(found[1]) if found is not None else None
-    if blob is not None and blob["state"].get("fingerprint") == fingerprint:
-        state = _apply_checkpoint(blob, peft_model, optimizer, scheduler)
+    state = resume_step(checkpoint_dir, ADAPTER_WEIGHTS, fingerprint,
+                        lambda weights: _load_weights(peft_model, weights), optimizer,
+                        scheduler) if resume else None
+    if state is not None:
         step, tokens = int(state["step"]), int(state["tokens"])
         losses = [float(x) for x in state["loss_history"]]
         order = state["order"]
         resumed_from = step
-    del blob
     if order is None:
         torch.manual_seed(cfg.seed)
         order = plan_batches([len(ex.input_ids) for ex in examples], cfg.batch_size, cfg.epochs,

@@ -24,6 +24,12 @@ from milton.core.config import Settings
 from milton.core.errors import ConfigError
 
 GGUF_MAGIC = b"GGUF"
+#: Artifact kind of evolved bases (``milton evolve``): ``checkpoints/base/<version>/`` holds
+#: ``model.gguf`` (what serve runs and train-lora adapts) and ``hf/`` (full precision, what the
+#: next evolve starts from).
+EVOLVED_KIND = "base"
+EVOLVED_GGUF = "model.gguf"
+EVOLVED_HF = "hf"
 HASH_CACHE = "model_hashes.json"
 _HF_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _HF_HASHED = ("config.json",)
@@ -45,6 +51,7 @@ class BaseModelRef:
     sha256: str      # of the .gguf file; for a directory, of its config.json and weight files
     name: str        # file or directory name, for logs and manifests
     embedded: bool = False
+    evolved: str | None = None  # the checkpoints/base version, when an evolved base is current
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -145,8 +152,41 @@ class _HashCache:
             atomic_write_json(self.path, self.entries)
 
 
-def resolve_base(settings: Settings, *, hash_cache: Path | None = None) -> BaseModelRef:
-    """``model.base`` as a :class:`BaseModelRef`; a one-line :class:`ConfigError` if unusable."""
+def evolved_base(settings: Settings) -> BaseModelRef | None:
+    """The promoted evolved base (``checkpoints/base/current``), if there is one.
+
+    Its sha256 comes from the manifest, checked when it was published; ``milton models
+    rollback base`` past the first version brings ``model.base`` back.
+    """
+    from milton.core.artifacts import ArtifactStore
+    from milton.core.errors import ArtifactError
+
+    store = ArtifactStore(settings.paths.checkpoints_dir, EVOLVED_KIND)
+    name = store.current_name()
+    if name is None:
+        return None
+    path = store.dir / name / EVOLVED_GGUF
+    try:
+        sha = store.read_manifest(name)["files"][EVOLVED_GGUF]["sha256"]
+    except (ArtifactError, KeyError, TypeError):
+        raise ConfigError(f"checkpoints/{EVOLVED_KIND}/{name}: no {EVOLVED_GGUF} in its manifest; "
+                          f"`milton models rollback {EVOLVED_KIND}`") from None
+    if not path.is_file():
+        raise ConfigError(f"checkpoints/{EVOLVED_KIND}/{name}/{EVOLVED_GGUF} is missing; "
+                          f"`milton models rollback {EVOLVED_KIND}`")
+    return BaseModelRef(path=path, kind="gguf", sha256=sha, name=f"{EVOLVED_KIND}/{name}",
+                        evolved=name)
+
+
+def resolve_base(settings: Settings, *, hash_cache: Path | None = None,
+                 evolved: bool = True) -> BaseModelRef:
+    """The base model in use as a :class:`BaseModelRef`; a one-line :class:`ConfigError` if unusable.
+
+    That is the promoted evolved base when there is one (``evolved=False`` skips it), else
+    ``model.base``, else the packaged Gemma 3 270M.
+    """
+    if evolved and (ref := evolved_base(settings)) is not None:
+        return ref
     configured = settings.model.base.strip()
     cache = _HashCache(hash_cache if hash_cache is not None
                        else settings.paths.data_dir / HASH_CACHE)

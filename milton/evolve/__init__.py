@@ -1,0 +1,1 @@
+"""evolve: the monthly merge, distil, prune and quantize pipeline towards a smaller, faster base."""

@@ -1,0 +1,135 @@
+"""Hugging Face model -> GGUF (llama.cpp's converter) -> quantized GGUFs (llama_model_quantize).
+
+The converter is the one extracted from the installed llama-cpp-python's sdist, so the file
+format always matches the runtime that serves it; quantization is llama.cpp's own C code,
+called through llama-cpp-python. Every file is written beside its final name and renamed in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from milton.core.config import Settings
+from milton.core.errors import ConfigError
+from milton.train.gguf import ConversionError, check_gguf, hf_to_gguf
+
+#: GGUF types evolve can make, by the names llama.cpp's quantize tool uses.
+FTYPES = {
+    "f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+UNQUANTIZED = "f16"
+
+
+def check_types(settings: Settings) -> list[str]:
+    """evolve.quantizations and evolve.promote_type, validated: one-line errors naming the key."""
+    types = [t.lower() for t in settings.evolve.quantizations]
+    for i, name in enumerate(types):
+        if name not in FTYPES:
+            raise ConfigError(f"evolve.quantizations[{i}]: unknown GGUF type {name!r} "
+                              f"(one of {', '.join(sorted(FTYPES))})")
+    promote = settings.evolve.promote_type.lower()
+    if promote not in {UNQUANTIZED, *types}:
+        raise ConfigError(f"evolve.promote_type: {promote!r} is not made by this run "
+                          f"(evolve.quantizations = {types}; f16 is always made)")
+    return [t for t in dict.fromkeys(types) if t != UNQUANTIZED]
+
+
+def gguf_name(kind: str) -> str:
+    return f"model-{kind}.gguf"
+
+
+def quantize(source: Path, target: Path, kind: str, *, threads: int = 0) -> Path:
+    """``source`` (an f16/f32 GGUF) quantized to ``kind`` by llama.cpp, written atomically."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[kind])
+    params.nthread = threads
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(),
+                                            ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise ConversionError(f"llama_model_quantize {source.name} -> {kind} failed (code {rc})")
+        check_gguf(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def transplant_vocab(reference: Path, target: Path, out: Path) -> Path:
+    """``target`` rewritten with the tokenizer (``tokenizer.*`` keys) of ``reference``.
+
+    A model loaded from a GGUF comes with a tokenizer transformers rebuilt from it; converted
+    back, its merge scores are not the original ones, so llama.cpp would split some words
+    differently from the model serve runs today (and from the ids every stage was trained and
+    measured on). The student shares the teacher's vocabulary, so the original table is
+    copied over verbatim; tensors and all other keys are copied unchanged.
+    """
+    import gguf
+
+    ref, src = gguf.GGUFReader(reference), gguf.GGUFReader(target)
+    ref_vocab = ref.fields.get("tokenizer.ggml.tokens")
+    src_vocab = src.fields.get("tokenizer.ggml.tokens")
+    if ref_vocab is None or src_vocab is None or len(ref_vocab.data) != len(src_vocab.data):
+        raise ConversionError(f"{target.name}: its vocabulary does not match {reference.name}'s")
+    arch = str(src.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(str(out), arch=arch, endianess=src.endianess)
+
+    def copy(reader: Any, keep: Callable[[str], bool]) -> None:
+        for field in reader.fields.values():
+            if field.name == "general.architecture" or field.name.startswith("GGUF.") or not keep(field.name):
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+    copy(src, lambda name: not name.startswith("tokenizer."))
+    copy(ref, lambda name: name.startswith("tokenizer."))
+    for tensor in src.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                               tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in src.tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=src.endianess)
+    writer.close()
+    check_gguf(out)
+    return out
+
+
+def export_ggufs(settings: Settings, hf_dir: Path, out_dir: Path, types: Sequence[str], *,
+                 threads: int = 0, vocab_from: Path | None = None) -> dict[str, Path]:
+    """``{"f16": ..., "q8_0": ..., ...}`` for the model in ``hf_dir``, made in ``out_dir``;
+    with ``vocab_from`` (a GGUF), its tokenizer replaces the converted one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f16 = out_dir / gguf_name(UNQUANTIZED)
+    if not f16.is_file():
+        tmp = out_dir / f".{f16.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        hf_to_gguf(settings, hf_dir, tmp, outtype="f16")
+        if vocab_from is not None:
+            fixed = out_dir / f".{f16.name}.vocab.tmp"
+            try:
+                transplant_vocab(vocab_from, tmp, fixed)
+                os.replace(fixed, tmp)
+            finally:
+                fixed.unlink(missing_ok=True)
+        os.replace(tmp, f16)
+    out = {UNQUANTIZED: f16}
+    for kind in types:
+        target = out_dir / gguf_name(kind)
+        out[kind] = target if target.is_file() else quantize(f16, target, kind, threads=threads)
+    return out

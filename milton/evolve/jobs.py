@@ -1,0 +1,433 @@
+"""The monthly evolve job: merge -> distil -> prune -> export/quantize, each stage measured.
+
+One ``evolve_runs`` row per attempt; its work lives in ``data/evolve/run-<id>/``. Every stage
+writes its output into a temporary directory renamed into ``<stage>/`` with a ``stage.json``
+(its metrics) once complete, so a run killed at any moment is resumed by the next job run:
+finished stages are kept, distillation and pruning continue from their last checkpoint. The
+final GGUF is published as an artifact of kind ``base`` and becomes serve's base (and
+train-lora's) only when the gate says it keeps the quality and is smaller or faster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from milton.core.artifacts import ArtifactStore, atomic_write_bytes, atomic_write_json
+from milton.core.config import Settings
+from milton.core.jobs import JobContext, Skip
+from milton.core.timeutil import iso, utcnow
+from milton.evolve.merge import Source
+from milton.train.model import EVOLVED_GGUF, EVOLVED_HF, EVOLVED_KIND, BaseModelRef
+
+STAGES = ("merge", "distil", "prune", "export")
+STAGE_FILE = "stage.json"
+TEACHER_FILE = "teacher.jsonl"
+REPORT_JSON = "report.json"
+REPORT_PNG = "report.png"
+
+
+def base_store(settings: Settings) -> ArtifactStore:
+    return ArtifactStore(settings.paths.checkpoints_dir, EVOLVED_KIND, keep=settings.evolve.keep_versions)
+
+
+def run_dir(settings: Settings, run_id: int) -> Path:
+    return settings.paths.data_dir / "evolve" / f"run-{run_id:06d}"
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def _open_run(db: sqlite_utils.Database, source: Source) -> int | None:
+    """The unfinished run to resume; one started from another base or adapter is given up."""
+    row = db.execute("select id, source_sha256, adapter_version from evolve_runs "
+                     "where status = 'running' order by id desc limit 1").fetchone()
+    if row is None:
+        return None
+    if row[1] == source.base.sha256 and row[2] == source.adapter_version:
+        return int(row[0])
+    _finish(db, int(row[0]), "failed", reason="the serving model changed; not resumed")
+    return None
+
+
+def _finish(db: sqlite_utils.Database, run_id: int, status: str, *, reason: str,
+            metrics: dict[str, Any] | None = None, version: str | None = None) -> None:
+    with db.atomic():
+        db["evolve_runs"].update(run_id, {
+            "status": status, "finished": iso(utcnow()), "reason": reason,
+            "metrics": json.dumps(metrics or {}, default=str), "candidate_version": version,
+        })
+
+
+# -- stages -------------------------------------------------------------------------------------
+def read_stage(work: Path, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((work / name / STAGE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_stage(work: Path, name: str, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``build(tmp)`` once: its directory and metrics appear as ``work/name`` only when done."""
+    done = read_stage(work, name)
+    if done is not None:
+        return {**done, "resumed": True}
+    tmp = work / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(work / name, ignore_errors=True)  # a dir without stage.json is unfinished
+    tmp.mkdir(parents=True)
+    info = build(tmp)
+    atomic_write_json(tmp / STAGE_FILE, info)
+    os.rename(tmp, work / name)
+    return info
+
+
+def _hf(path: Path, like: BaseModelRef | None = None) -> BaseModelRef:
+    return BaseModelRef(path=path, kind="hf", sha256=like.sha256 if like else "", name=path.name)
+
+
+class _Pipeline:
+    """One evolve run's stages, sharing the settings, data and measuring of one process."""
+
+    def __init__(self, ctx: JobContext, source: Source, run_id: int, work: Path,
+                 max_steps: int | None) -> None:
+        from milton.train.dataset import full_dataset
+
+        self.ctx, self.settings, self.cfg = ctx, ctx.settings, ctx.settings.evolve
+        self.source, self.run_id, self.work, self.max_steps = source, run_id, work, max_steps
+        self.dataset = full_dataset(ctx.db, self.settings, max_eval=self.cfg.eval_items)
+        self.threads = self.settings.serve.n_threads or _cpus()
+        self._examples: tuple[list[Any], list[Any]] | None = None
+        # A GGUF source keeps its exact tokenizer in every exported GGUF (see transplant_vocab).
+        self.vocab_from = source.base.path if source.base.kind == "gguf" else None
+
+    # -- shared --------------------------------------------------------------------------------
+    def load(self, directory: Path) -> tuple[Any, Any]:
+        import torch
+
+        from milton.train.model import load_base
+
+        return load_base(_hf(directory), self.settings.model.device, self.settings.model.threads,
+                         dtype=torch.float32)
+
+    def examples(self, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+        """Eval and regression items as token ids, once (every stage shares the vocabulary)."""
+        from milton.train.formatting import format_items
+
+        if self._examples is None:
+            fmt, max_len = self.settings.model.chat_format, self.settings.train.max_seq_len
+            self._examples = (format_items(list(self.dataset.eval), tokenizer, fmt, max_len),
+                              format_items(list(self.dataset.regression), tokenizer, fmt, max_len))
+        return self._examples
+
+    def measure(self, gguf: Path, tokenizer: Any, lora: Path | None = None) -> dict[str, Any]:
+        from milton.evolve.measure import measure_gguf
+
+        eval_ex, reg_ex = self.examples(tokenizer)
+        return measure_gguf(gguf, eval_ex, reg_ex, threads=self.threads,
+                            bench_tokens=self.cfg.bench_tokens, lora=lora)
+
+    def measure_hf(self, directory: Path, tokenizer: Any) -> dict[str, Any]:
+        """A model directory measured as an f16 GGUF in llama.cpp (kept in the directory)."""
+        from milton.evolve.export import UNQUANTIZED, export_ggufs
+
+        files = export_ggufs(self.settings, directory, directory, [], threads=self.threads,
+                             vocab_from=self.vocab_from)
+        return {"format": UNQUANTIZED, **self.measure(files[UNQUANTIZED], tokenizer)}
+
+    def log(self, msg: str, **fields: Any) -> None:
+        self.ctx.log(msg, evolve_run=self.run_id, **fields)
+        with self.ctx.db.atomic():
+            self.ctx.db["evolve_runs"].update(self.run_id, {"stage": fields.get("stage", msg)})
+
+    def _hook(self, stage: str) -> Callable[..., None]:
+        def on_step(step: int, loss: float, lr: float, tokens: int, elapsed_s: float) -> None:
+            if step % 10 == 0:
+                self.ctx.log(f"{stage} step", evolve_run=self.run_id, step=step,
+                             loss=round(loss, 4), elapsed_s=round(elapsed_s, 1))
+        return on_step
+
+    # -- stages --------------------------------------------------------------------------------
+    def merge(self, out: Path) -> dict[str, Any]:
+        from milton.evolve.merge import load_merged, save_model
+
+        model, tokenizer = load_merged(self.settings, self.source)
+        like = self.source.load_from.path if self.source.load_from.kind == "hf" else None
+        save_model(model, tokenizer, out, like=like)
+        del model
+        return {"stage": "merge", "model_dir": "merge", "adapter_version": self.source.adapter_version,
+                "layers": _layers(out), **self.measure_hf(out, tokenizer)}
+
+    def teacher_items(self, teacher: Any, tokenizer: Any) -> list[dict[str, Any]]:
+        """Teacher answers to prompts drawn from memory topics, generated once per run."""
+        from milton.evolve.distil import teacher_answers, topic_prompts
+
+        path = self.work / TEACHER_FILE
+        if path.is_file():
+            return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+        prompts = topic_prompts(self.ctx.db, self.cfg.teacher_prompts, seed=self.settings.train.seed)
+        items = teacher_answers(teacher, tokenizer, prompts, max_new_tokens=self.cfg.teacher_max_new_tokens,
+                                chat_format=self.settings.model.chat_format) if prompts else []
+        data = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items)
+        atomic_write_bytes(path, data.encode("utf-8"))
+        return items
+
+    def distil(self, out: Path) -> dict[str, Any]:
+        from milton.evolve.distil import distil, mean_kl
+        from milton.evolve.merge import save_model
+        from milton.evolve.student import load_student
+
+        teacher_dir = Path(self.cfg.teacher).expanduser() if self.cfg.teacher else self.work / "merge"
+        teacher, tokenizer = self.load(teacher_dir)
+        teacher_items = self.teacher_items(teacher, tokenizer)
+        items = [*self.dataset.train, *teacher_items]
+        student = load_student(self.cfg, teacher, home=self.settings.paths.home, tokenizer=tokenizer)
+        fmt, tcfg = self.settings.model.chat_format, self.settings.train
+        kl_before = mean_kl(teacher, student, tokenizer, list(self.dataset.eval), tcfg, chat_format=fmt)
+        result = distil(teacher, student, tokenizer, items, self.cfg, tcfg,
+                        checkpoint_dir=self.work / "distil-checkpoints", on_step=self._hook("distil"),
+                        max_steps_override=self.max_steps, chat_format=fmt,
+                        freeze_embeddings=not self.cfg.train_embeddings)
+        kl_after = mean_kl(teacher, result.model, tokenizer, list(self.dataset.eval), tcfg, chat_format=fmt)
+        save_model(result.model, tokenizer, out, like=teacher_dir)
+        del teacher, student
+        return {"stage": "distil", "model_dir": "distil", "teacher": str(teacher_dir),
+                "teacher_items": len(teacher_items), "train_items": len(items),
+                "layers": _layers(out), "teacher_layers": _layers(teacher_dir),
+                "kl_before": kl_before, "kl_after": kl_after,
+                **result.metrics(),
+                **self.measure_hf(out, tokenizer)}
+
+    def prune(self, previous: Path, out: Path) -> dict[str, Any]:
+        from milton.evolve.merge import save_model
+        from milton.evolve.prune import iterative_prune
+
+        model, tokenizer = self.load(previous)
+        train = list(self.dataset.train) or list(self.dataset.eval)
+        teacher = self.work / TEACHER_FILE
+        if teacher.is_file():
+            train += [json.loads(line) for line in teacher.read_text("utf-8").splitlines() if line]
+        result = iterative_prune(
+            model, tokenizer, calib_items=train[:self.cfg.calibration_items], train_items=train,
+            eval_items=list(self.dataset.eval), evolve_cfg=self.cfg, train_cfg=self.settings.train,
+            checkpoint_dir=self.work / "prune-checkpoints", chat_format=self.settings.model.chat_format,
+            freeze_embeddings=not self.cfg.train_embeddings)
+        save_model(result.model, tokenizer, out, like=previous)
+        return {"stage": "prune", "model_dir": "prune", "method": self.cfg.prune_method,
+                "sparsity": result.sparsity, "stopped": result.stopped, "start_ppl": result.start_ppl,
+                "iterations": result.iterations, "layers": _layers(out),
+                **self.measure_hf(out, tokenizer)}
+
+    def export(self, previous: Path, out: Path, types: list[str], tokenizer: Any) -> dict[str, Any]:
+        from milton.evolve.export import UNQUANTIZED, export_ggufs, gguf_name
+        from milton.evolve.measure import same_tokenizer
+
+        measured_f16 = previous / gguf_name(UNQUANTIZED)
+        if measured_f16.is_file():  # made when the previous stage was measured
+            os.link(measured_f16, out / measured_f16.name)
+        files = export_ggufs(self.settings, previous, out, types, threads=self.threads,
+                             vocab_from=self.vocab_from)
+        texts = [str(getattr(i, "response", "")) for i in self.dataset.eval[:16]]
+        reference = (self.source.base.path if self.source.base.kind == "gguf"
+                     else self.work / "merge" / gguf_name(UNQUANTIZED))
+        differs = same_tokenizer(reference, files[UNQUANTIZED], texts)
+        if differs is not None:
+            from milton.train.gguf import ConversionError
+
+            raise ConversionError(f"the exported GGUF tokenises text differently from the base "
+                                  f"{self.source.base.name} (e.g. {differs[:40]!r})")
+        prior = read_stage(previous.parent, previous.name) or {}
+        measured = {UNQUANTIZED: {k: v for k, v in prior.items()
+                                  if k in ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s",
+                                           "prompt_tokens_per_s")}}
+        for kind in types:
+            measured[kind] = self.measure(files[kind], tokenizer)
+        return {"stage": "export", "files": {k: gguf_name(k) for k in files}, "types": measured}
+
+
+def _layers(directory: Path) -> int | None:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _cpus() -> int:
+    from milton.train.model import usable_cpus
+
+    return usable_cpus()
+
+
+def _tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+# -- the job ------------------------------------------------------------------------------------
+def evolve_job(*, max_steps: int | None = None) -> Callable[[JobContext], dict[str, Any]]:
+    def job(ctx: JobContext) -> dict[str, Any]:
+        return evolve_run(ctx, max_steps=max_steps)
+
+    return job
+
+
+def evolve_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, Any]:
+    from milton.evolve.export import check_types
+    from milton.evolve.merge import find_source
+    from milton.train.gguf import tools_dir
+
+    settings, db, cfg = ctx.settings, ctx.db, ctx.settings.evolve
+    tools_dir(settings)  # fail now, not after an hour of distillation
+    types = check_types(settings)
+    source = find_source(settings)
+
+    resumed = _open_run(db, source)
+    if resumed is None:
+        _require_data(db, settings)
+    run_id = resumed or int(db["evolve_runs"].insert({
+        "job_run_id": ctx.run_id, "started": iso(utcnow()), "status": "running", "stage": "merge",
+        "source": str(source.base.path), "source_sha256": source.base.sha256,
+        "adapter_version": source.adapter_version}).last_pk)
+    work = run_dir(settings, run_id)
+    work.mkdir(parents=True, exist_ok=True)
+    pipe = _Pipeline(ctx, source, run_id, work, max_steps)
+    ctx.log("evolve", evolve_run=run_id, resumed=resumed is not None, source=source.base.name,
+            adapter=source.adapter_version, **pipe.dataset.counts())
+
+    stages: dict[str, dict[str, Any]] = {}
+    pipe.log("merging", stage="merge")
+    stages["merge"] = run_stage(work, "merge", pipe.merge)
+    model_dir = work / "merge"
+    if cfg.distil_steps > 0:
+        pipe.log("distilling", stage="distil")
+        stages["distil"] = run_stage(work, "distil", pipe.distil)
+        model_dir = work / "distil"
+    if cfg.prune_method != "none":
+        pipe.log("pruning", stage="prune")
+        previous = model_dir
+        stages["prune"] = run_stage(work, "prune", lambda out: pipe.prune(previous, out))
+        model_dir = work / "prune"
+    tokenizer = _tokenizer(model_dir)
+    pipe.log("exporting", stage="export")
+    final_dir = model_dir
+    stages["export"] = run_stage(work, "export",
+                                 lambda out: pipe.export(final_dir, out, types, tokenizer))
+    pipe.log("measuring the serving model", stage="gate")
+    serving = _serving(pipe, tokenizer, stages["merge"])
+    return _gate_and_publish(ctx, pipe, stages, serving, final_dir)
+
+
+def _require_data(db: sqlite_utils.Database, settings: Settings) -> None:
+    """Skip (exit 0) before any heavy work when there is too little to distil on."""
+    from milton.evolve.distil import topic_prompts
+
+    cfg = settings.evolve
+    conversations = db.execute("select count(*) from training_items where split = 'train'").fetchone()[0]
+    prompts = len(topic_prompts(db, cfg.teacher_prompts, seed=settings.train.seed)) if cfg.distil_steps else 0
+    if conversations + prompts < cfg.min_train_items:
+        raise Skip(f"{conversations} conversation items and {prompts} memory-topic prompts: "
+                   f"fewer than evolve.min_train_items ({cfg.min_train_items})",
+                   conversation_items=conversations, topic_prompts=prompts)
+
+
+def _serving(pipe: _Pipeline, tokenizer: Any, merged: dict[str, Any]) -> dict[str, Any]:
+    """The model serve runs now, measured like the stages: base GGUF + adapter GGUF in llama.cpp.
+
+    A Hugging Face ``model.base`` is not servable by llama.cpp as it is; its reference is the
+    merged model as an f16 GGUF (base + adapter, unquantized).
+    """
+    from milton.train.jobs import ADAPTER_GGUF, adapter_store
+
+    figures = ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s", "prompt_tokens_per_s")
+    if pipe.source.base.kind != "gguf":
+        return {"stage": "serving", "name": f"{pipe.source.base.name} + adapter (merged, f16)",
+                **{k: merged.get(k) for k in figures}}
+    lora = None
+    if pipe.source.adapter_version:
+        version = adapter_store(pipe.settings).current()
+        if version is not None and version.name == pipe.source.adapter_version:
+            lora = version.path / ADAPTER_GGUF
+    name = pipe.source.base.name + (f" + adapter {pipe.source.adapter_version}" if lora else "")
+    return {"stage": "serving", "name": name, **pipe.measure(pipe.source.base.path, tokenizer, lora)}
+
+
+def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[str, Any]],
+                      serving: dict[str, Any], final_dir: Path) -> dict[str, Any]:
+    from milton.core.notify import notify
+    from milton.evolve.export import gguf_name
+    from milton.evolve.gate import decide
+    from milton.evolve.report import build_report, write_plot
+
+    settings, cfg, work = pipe.settings, pipe.cfg, pipe.work
+    kind = cfg.promote_type.lower()
+    exported = stages["export"]["types"]
+    candidate = exported[kind] if kind in exported else exported["f16"]
+    decision = decide(candidate, serving, cfg)
+    report = build_report(pipe.run_id, stages, serving, decision, promote_type=kind)
+    atomic_write_json(work / REPORT_JSON, report)
+    write_plot(report, work / REPORT_PNG)
+
+    def build(tmp: Path) -> None:
+        os.link(work / "export" / gguf_name(kind), tmp / EVOLVED_GGUF)
+        _copy_half(final_dir, tmp / EVOLVED_HF)
+        shutil.copyfile(work / REPORT_JSON, tmp / REPORT_JSON)
+        shutil.copyfile(work / REPORT_PNG, tmp / REPORT_PNG)
+
+    version = base_store(settings).publish(
+        build, metrics={**candidate, "decision": "promoted" if decision.promote else "rejected"},
+        data_window={"train_items": len(pipe.dataset.train), "eval_items": len(pipe.dataset.eval)},
+        extra={"source": pipe.source.as_dict(), "evolve_run": pipe.run_id, "gguf_type": kind,
+               "gate": {"promote": decision.promote, "reason": decision.reason,
+                        "against": serving["name"], "checks": decision.checks},
+               "stages": report["rows"]},
+        make_current=decision.promote)
+    status = "promoted" if decision.promote else "rejected"
+    _finish(ctx.db, pipe.run_id, status, reason=decision.reason,
+            metrics={"candidate": candidate, "serving": serving, "rows": report["rows"]},
+            version=version.name)
+    if not cfg.keep_stages:
+        _clean(work)
+    title = f"milton: evolved base {version.name} {status}"
+    if decision.promote:
+        notify(settings, "promotion", title, decision.reason)
+    else:
+        notify(settings, "rejection", title, f"{decision.reason}; {serving['name']} keeps serving")
+    ctx.log(f"evolved base {version.name} {status}", reason=decision.reason)
+    return {"status_detail": status, "version": version.name, "reason": decision.reason,
+            "run_id": pipe.run_id, "report": str(work / REPORT_PNG),
+            **{f"candidate_{k}": v for k, v in candidate.items()},
+            **{f"serving_{k}": v for k, v in serving.items() if k != "stage"}}
+
+
+def _copy_half(source: Path, target: Path) -> None:
+    """The final model directory with its weights in bfloat16: half the disk, the precision
+    next month's merge starts from."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.suffix == ".gguf" or path.name == STAGE_FILE or not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v)
+                       for k, v in load_file(str(path)).items()}
+            save_file(tensors, str(target / path.name), metadata={"format": "pt"})
+        else:
+            shutil.copyfile(path, target / path.name)
+
+
+def _clean(work: Path) -> None:
+    """Drop the big intermediates of a finished run; its report stays beside the run."""
+    for entry in work.iterdir():
+        if entry.name in (REPORT_JSON, REPORT_PNG):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)

@@ -1,0 +1,202 @@
+"""`milton evolve` end to end on a tiny Llama built here: merge, distil, prune, quantize, gate.
+
+Real parts only: conversations go in through `milton ingest conversations`, `milton
+train-lora` makes the adapter that evolve merges, llama.cpp's converter and quantizer make the
+GGUFs and llama-cpp-python loads, measures and runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, assert_clean_error
+from tiny_lm import build_tiny_gguf
+
+FACTS = [
+    ("What is the build server called?", "The build server is called zephyr-07."),
+    ("Which port does the wiki use?", "The wiki listens on port 8443."),
+    ("Who owns the backup rota?", "Priya owns the backup rota."),
+    ("What is the staging database?", "Staging runs on pg-staging-3."),
+]
+PARAPHRASES = ["{q}", "Remind me: {q}", "Quick one. {q}", "I forgot, {q}"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 3-layer tiny Llama (HF dir + GGUF); the GGUF is model.base, as the packaged model is."""
+    texts = [f"{q} {a}" for q, a in FACTS]
+    return build_tiny_gguf(tmp_path_factory.mktemp("tiny"), texts, layers=3)
+
+
+def _config(home: Path, gguf: Path, **evolve) -> None:
+    values = {"distil_steps": 30, "distil_lr": 3e-3, "teacher_prompts": 4, "teacher_max_new_tokens": 12,
+              "prune_step": 0.2, "prune_max": 0.4, "recovery_steps": 4, "calibration_items": 8,
+              "eval_items": 16, "min_train_items": 4, "bench_tokens": 8, "quality_threshold": 0.05,
+              "keep_stages": True, **evolve}
+    train = {"learning_rate": 0.01, "max_steps": 40, "batch_size": 4, "grad_accum": 1, "epochs": 20,
+             "checkpoint_every": 5, "rouge_samples": 0, "seed": 0, "lora_dropout": 0.0,
+             "regression_margin": 10.0, "max_seq_len": 96,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    lines = ["[model]", f'base = "{gguf}"', 'device = "cpu"', "threads = 1", "",
+             "[serve]", "n_threads = 1", "", "[train]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in train.items()]
+    lines += ["", "[evolve]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _ingest(cli, home: Path) -> None:
+    pairs = [(p.format(q=q), a) for q, a in FACTS for p in PARAPHRASES]
+    sessions = [[m for q, a in pairs[i:i + 2] for m in ({"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a})]
+                for i in range(0, len(pairs), 2)]
+    path = home / "conversations.jsonl"
+    path.write_text("".join(json.dumps({"messages": s}) + "\n" for s in sessions))
+    code, _, err = cli("ingest", "conversations", str(path), timeout=300)
+    assert code == 0, err
+
+
+def _evolve(cli, *args: str, env: dict | None = None) -> dict:
+    code, out, err = cli("evolve", "--json", *args, env=env, timeout=900)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _prepared(cli, home: Path, gguf: Path, **evolve) -> None:
+    _config(home, gguf, **evolve)
+    _ingest(cli, home)
+    code, out, err = cli("train-lora", "--json", timeout=600)
+    assert code == 0, err
+    assert json.loads(out)["status_detail"] == "promoted", out
+
+
+def _generate(gguf: Path, prompt: str, n: int = 8) -> str:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=128, n_threads=1, verbose=False)
+    try:
+        out = llm.create_completion(prompt, max_tokens=n, temperature=0.0)
+    finally:
+        llm.close()
+    return out["choices"][0]["text"]
+
+
+def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_home, tiny, settings):
+    from transformers import AutoModelForCausalLM
+
+    from milton.evolve.jobs import base_store, run_dir
+    from milton.train.model import resolve_base
+
+    _, gguf = tiny
+    _prepared(cli, milton_home, gguf)
+    result = _evolve(cli)
+    assert result["status"] == "ok" and result["status_detail"] == "promoted", result
+
+    work = run_dir(settings, result["run_id"])
+    stages = {name: json.loads((work / name / "stage.json").read_text())
+              for name in ("merge", "distil", "prune", "export")}
+    # Each model stage is a loadable HF model directory, and its f16 GGUF was measured.
+    for name, layers in (("merge", 3), ("distil", 2), ("prune", 2)):
+        model = AutoModelForCausalLM.from_pretrained(work / name)
+        assert model.config.num_hidden_layers == layers, name
+        assert stages[name]["eval_ppl"] > 0 and stages[name]["size_mb"] > 0
+    assert stages["merge"]["adapter_version"] == "v000001"
+    # Distillation brought the student closer to the teacher on held-out items.
+    assert stages["distil"]["kl_after"] < stages["distil"]["kl_before"], stages["distil"]
+    assert 0 < stages["prune"]["sparsity"] <= 0.4 + 1e-6
+    # f16, q8_0 and q4_k_m all load in llama.cpp and generate; quantized files are smaller.
+    files = {k: work / "export" / v for k, v in stages["export"]["files"].items()}
+    assert set(files) == {"f16", "q8_0", "q4_k_m"}
+    for path in files.values():
+        assert _generate(path, "The build server").strip()
+    sizes = {k: p.stat().st_size for k, p in files.items()}
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
+
+    # Promoted: the artifact is current, and it is now what serve and train-lora use.
+    current = base_store(settings).current()
+    assert current is not None and current.name == result["version"]
+    assert current.manifest["gate"]["promote"] and current.manifest["gguf_type"] == "q4_k_m"
+    assert (current.path / "hf" / "config.json").is_file()
+    ref = resolve_base(settings)
+    assert ref.evolved == current.name and ref.path == current.path / "model.gguf"
+    assert result["candidate_size_mb"] < result["serving_size_mb"]
+
+    # The report: a table row per stage and a PNG beside the run.
+    code, out, err = cli("evolve", "report", str(result["run_id"]), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [r["stage"] for r in report["rows"]] == ["serving", "merge", "distil", "prune",
+                                                    "quantize", "quantize"]
+    assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = cli("evolve", "report", env={"COLUMNS": "200"})
+    assert code == 0 and "quantize" in out and "q4_k_m" in out and "promoted" in out, out + err
+
+    # Next month starts from the evolved base (its full-precision copy). A run that wrecks the
+    # student (absurd learning rate) is rejected by the gate and the promoted base stays.
+    again = _evolve(cli, env={"MILTON_EVOLVE__DISTIL_LR": "50", "MILTON_EVOLVE__QUALITY_THRESHOLD": "0.9",
+                              "MILTON_EVOLVE__PRUNE_METHOD": "none", "MILTON_EVOLVE__KEEP_STAGES": "false"})
+    assert again["status_detail"] == "rejected", again
+    assert "perplexity" in again["reason"], again["reason"]
+    assert base_store(settings).current_name() == current.name
+    conn = sqlite3.connect(settings.db_path)
+    rows = conn.execute("select status, source from evolve_runs order by id").fetchall()
+    conn.close()
+    assert [r[0] for r in rows] == ["promoted", "rejected"] and "base/" not in rows[0][1]
+    assert str(current.path / "model.gguf") == rows[1][1]
+    assert sorted(p.name for p in run_dir(settings, again["run_id"]).iterdir()) == ["report.json", "report.png"]
+
+
+def test_killed_stage_resumes(cli, milton_home, tiny, settings):
+    from milton.evolve.jobs import run_dir
+
+    _, gguf = tiny
+    _prepared(cli, milton_home, gguf, distil_steps=400, prune_method="none")
+    env = {**os.environ, "MILTON_HOME": str(milton_home), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "milton", "evolve", "--json"], env=env,
+                            cwd=milton_home, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoints = run_dir(settings, 1) / "distil-checkpoints"
+    deadline = time.monotonic() + 300
+    try:
+        while not (checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())):
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "no distillation checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert (run_dir(settings, 1) / "merge" / "stage.json").is_file()
+    assert not (run_dir(settings, 1) / "distil").exists()
+
+    result = _evolve(cli, env={"MILTON_EVOLVE__DISTIL_STEPS": "400"})
+    assert result["run_id"] == 1, result
+    stages = {n: json.loads((run_dir(settings, 1) / n / "stage.json").read_text())
+              for n in ("merge", "distil")}
+    assert stages["distil"]["distil_resumed_from"], stages["distil"]
+    conn = sqlite3.connect(settings.db_path)
+    assert conn.execute("select count(*), max(status) from evolve_runs").fetchone()[0] == 1
+    conn.close()
+
+
+def test_bad_quantization_type_is_a_one_line_error(cli, milton_home, tiny):
+    _, gguf = tiny
+    _config(milton_home, gguf, quantizations=["q8_0", "q9_x"])
+    code, _, err = cli("evolve")
+    assert code == 2
+    assert_clean_error(err, "evolve.quantizations[1]", "q9_x")
+
+
+def test_too_little_data_is_skipped(cli, milton_home, tiny, settings):
+    _, gguf = tiny
+    _config(milton_home, gguf, min_train_items=50, teacher_prompts=0)
+    result = _evolve(cli)
+    assert result["status"] == "skipped" and "min_train_items" in result["reason"]
+    conn = sqlite3.connect(settings.db_path)
+    assert conn.execute("select count(*) from evolve_runs").fetchone() == (0,)
+    conn.close()
