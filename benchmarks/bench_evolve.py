@@ -172,6 +172,23 @@ def work_pairs(phrasings: tuple[int, ...], held_out: bool | None = None) -> list
     return items
 
 
+def work_notes(n: int, seed: int = 2) -> list[dict[str, str]]:
+    """``n`` team notes (each service's facts as prose, seeded order) as ``text`` items: the
+    calibration and recovery data of the pruning runs. Text, not plain-format pairs, so that
+    recovery does not teach the format the general set's answers are scored in."""
+    rng = random.Random(seed)
+    facts = work_facts()
+    per = len(_FACTS)
+    out = []
+    for i in range(n):
+        k = i % len(_SERVICES)
+        answers = [a for _, a in facts[k * per:(k + 1) * per]]
+        rng.shuffle(answers)
+        out.append({"kind": "text", "prompt": None,
+                    "response": f"Notes on the {_SERVICES[k]}. " + " ".join(answers)})
+    return out
+
+
 def eval_items(n_paragraphs: int) -> list[Any]:
     from milton.train.dataset import general_items
 
@@ -233,7 +250,8 @@ def _restore(model: Any, snap: dict[str, Any]) -> None:
 
 def _one_shot(model: Any, tok: Any, dense: dict[str, Any], items: dict[str, list],
               plan: dict[str, Any], t0: float) -> dict[str, Any]:
-    """Dense ppl, then Wanda and magnitude to 50%: ppl one-shot and after recovery."""
+    """Dense ppl, then Wanda and magnitude to 50%: ppl one-shot and after recovery; and the
+    dense model after the same fine-tune (no masks), the control for what recovery teaches."""
     from milton.core.config import EvolveConfig
     from milton.evolve.prune import input_norms, prune, recover, sparsity_of
     from milton.train.evaluate import perplexity
@@ -246,11 +264,13 @@ def _one_shot(model: Any, tok: Any, dense: dict[str, Any], items: dict[str, list
     started = time.perf_counter()
     out: dict[str, Any] = {"dense_ppl": ppl()}
     norms = input_norms(model, tok, items["calib"], cfg, chat_format=CHAT_FORMAT)
-    for method in ("wanda", "magnitude"):
+    for method in ("wanda", "magnitude", "dense"):
         _restore(model, dense)
-        masks = prune(model, 0.5, method, norms if method == "wanda" else None)
-        out[f"{method}_sparsity"] = round(sparsity_of(model), 4)
-        out[f"{method}_ppl"] = ppl()
+        masks: dict[str, Any] = {}
+        if method != "dense":
+            masks = prune(model, 0.5, method, norms if method == "wanda" else None)
+            out[f"{method}_sparsity"] = round(sparsity_of(model), 4)
+            out[f"{method}_ppl"] = ppl()
         t1 = time.perf_counter()
         losses = recover(model, tok, items["train"], masks, plan["recovery_steps"],
                          defaults.distil_lr, cfg, chat_format=CHAT_FORMAT,
@@ -259,6 +279,7 @@ def _one_shot(model: Any, tok: Any, dense: dict[str, Any], items: dict[str, list
         out[f"{method}_recovery_loss"] = [round(x, 4) for x in (losses[0], losses[-1])]
         out[f"{method}_recovered_ppl"] = ppl()
         _log(f"{method}: {out}", t0)
+    out["dense_tuned_ppl"] = out.pop("dense_recovered_ppl")
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -304,8 +325,8 @@ def child_dense(plan: dict[str, Any]) -> dict[str, Any]:
         model, tok = load_base(ref, device="cpu", threads=0, dtype=torch.float32)
         load_s = time.perf_counter() - t0
         _log(f"loaded {ref.name} in {load_s:.0f}s", t0)
-        pairs = work_pairs((0, 1))
-        items = {"eval": eval_items(plan["hf_paragraphs"]), "calib": pairs, "train": pairs}
+        notes = work_notes(40)
+        items = {"eval": eval_items(plan["hf_paragraphs"]), "calib": notes, "train": notes}
         examples = format_items(eval_items(plan["paragraphs"]), tok, CHAT_FORMAT, MAX_SEQ_LEN)
         ladder = _ladder(settings, model, tok, ref.path, work, examples, plan, t0)
         dense = _snapshot(model)
@@ -464,6 +485,8 @@ def _dense_figures(d: dict[str, Any]) -> dict[str, Any]:
         out[f"{method}50_oneshot_ratio"] = _r(p[f"{method}_ppl"] / p["dense_ppl"])
         out[f"{method}50_recovered_ratio"] = _r(p[f"{method}_recovered_ppl"] / p["dense_ppl"])
     out["pruned_wanda_ppl_ratio"] = out.pop("wanda50_recovered_ratio")
+    out["dense_tuned_ppl_hf"] = _r(p["dense_tuned_ppl"], 4)
+    out["wanda50_recovered_vs_tuned_dense"] = _r(p["wanda_recovered_ppl"] / p["dense_tuned_ppl"])
     it = d["iterative"]
     out.update(iterative_sparsity=it["sparsity"], iterative_iterations=len(it["iterations"]),
                iterative_stopped=it["stopped"], iterative_s=it["seconds"])
@@ -543,7 +566,8 @@ def _notes(f: dict[str, Any]) -> list[str]:
         "perplexity: exp(mean NLL) over every scored token of the eval items (general set: "
         "answers; synthetic paragraphs: every token), GGUFs in llama.cpp, pruning in HF fp32",
         "pruning: 50% per output row of every decoder projection; recovery fine-tunes every "
-        "parameter on synthetic workplace Q/A pairs (not the eval distribution), masks held",
+        "parameter but the embeddings (as the job does) on synthetic team notes (not the eval "
+        "distribution), masks held; dense_tuned_ppl_hf: the dense model after the same fine-tune",
         "evolved vs current: speedup is the final GGUF's decode tokens/s over the packaged "
         "model's, re-timed interleaved after the job (the job's own figure is job_speed_ratio)",
     ]
