@@ -1,6 +1,6 @@
 """evolve on the embedded Gemma 3 270M (CPU): quantization ladder, 50% pruning, the job end to end.
 
-Two child processes (each peak RSS its own, all cores):
+Two child processes (each peak RSS its own; torch on all cores, llama.cpp on LLAMA_THREADS):
 
 * ``dense``: the packaged Q4_K_M GGUF loaded with ``load_base`` (dequantised to fp32: the
   only Gemma weights available offline, so "f16" is those weights and the ladder measures
@@ -9,14 +9,15 @@ Two child processes (each peak RSS its own, all cores):
   one, measured with ``measure_gguf`` on the same eval tokens (perplexity, size, tokens/s).
   Then on the same fp32 model: one-shot Wanda and magnitude pruning to 50% (prune.py's
   ``input_norms``/``prune``), each before and after a short masked recovery fine-tune
-  (``recover``), HF perplexity vs dense; and ``iterative_prune`` with the default settings.
+  (``recover``), HF perplexity vs dense and vs the dense model given the same fine-tune; and
+  ``iterative_prune`` with the default settings (fewer recovery steps).
 * ``job``: ``run_job("evolve", evolve_job(), settings)`` in a temp MILTON_HOME holding
   synthetic conversations (``training_items``) and sessions with topics (teacher prompts);
   figures from its ``stage.json`` files and ``report.json``, and the final q4_k_m's tokens/s
   against the packaged model's, re-timed interleaved after the job.
 
 Eval text: the built-in general set plus seeded synthetic English paragraphs (every token
-scored); calibration and recovery use synthetic workplace question/answer pairs, a different
+scored). Pruning calibrates and recovers on standard-library docstring prose, another
 distribution, so recovery cannot simply learn the eval text.
 """
 
@@ -51,9 +52,9 @@ LLAMA_THREADS = 1
 #: paragraphs: eval paragraphs in llama.cpp (ladder) / in HF fp32 (pruning: ~10x costlier per
 #: token on CPU). iterative: EvolveConfig overrides. job: the job's [evolve] overrides.
 PLANS: dict[str, dict[str, Any]] = {
-    "full": {"paragraphs": 40, "hf_paragraphs": 16, "recovery_steps": 10, "bench_tokens": 64,
+    "full": {"paragraphs": 40, "hf_paragraphs": 12, "recovery_steps": 10, "bench_tokens": 64,
              "iterative": {"recovery_steps": 10}, "speed_rounds": 3,
-             "job": {"distil_steps": 80, "teacher_prompts": 12, "teacher_max_new_tokens": 48,
+             "job": {"distil_steps": 60, "teacher_prompts": 12, "teacher_max_new_tokens": 48,
                      "recovery_steps": 5}},
     "quick": {"paragraphs": 6, "hf_paragraphs": 4, "recovery_steps": 2, "bench_tokens": 16,
               "iterative": {"recovery_steps": 2, "prune_max": 0.1}, "speed_rounds": 1,
@@ -172,21 +173,42 @@ def work_pairs(phrasings: tuple[int, ...], held_out: bool | None = None) -> list
     return items
 
 
-def work_notes(n: int, seed: int = 2) -> list[dict[str, str]]:
-    """``n`` team notes (each service's facts as prose, seeded order) as ``text`` items: the
-    calibration and recovery data of the pruning runs. Text, not plain-format pairs, so that
-    recovery does not teach the format the general set's answers are scored in."""
-    rng = random.Random(seed)
-    facts = work_facts()
-    per = len(_FACTS)
-    out = []
-    for i in range(n):
-        k = i % len(_SERVICES)
-        answers = [a for _, a in facts[k * per:(k + 1) * per]]
-        rng.shuffle(answers)
-        out.append({"kind": "text", "prompt": None,
-                    "response": f"Notes on the {_SERVICES[k]}. " + " ".join(answers)})
-    return out
+_DOC_MODULES = ("argparse", "json", "textwrap", "logging", "collections", "functools",
+                "itertools", "pathlib", "sqlite3", "subprocess", "threading", "unittest", "csv",
+                "datetime", "decimal", "random", "statistics", "string", "shutil", "tempfile",
+                "zipfile", "heapq", "contextlib", "dataclasses", "enum", "typing", "asyncio",
+                "socket", "hashlib", "urllib.parse", "email", "http.client", "pickle", "queue",
+                "sched", "selectors", "tarfile", "gzip", "locale", "calendar")
+
+
+def doc_texts(n: int) -> list[dict[str, str]]:
+    """``n`` prose paragraphs (25-150 words, no code) of the standard library's docstrings,
+    round-robin over modules, as ``text`` items: the pruning runs' calibration and recovery
+    data. Broad English from another distribution than the eval text (as Wanda calibrates on
+    C4 and is scored on WikiText); deterministic for one Python version."""
+    import importlib
+    import inspect
+    import re
+
+    per_module = []
+    for name in _DOC_MODULES:
+        module = importlib.import_module(name)
+        objects = [module, *(v for _, v in sorted(vars(module).items())
+                             if (inspect.isclass(v) or inspect.isfunction(v))
+                             and getattr(v, "__module__", "") == module.__name__)]
+        found: list[str] = []
+        for obj in objects:
+            for part in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):
+                text = " ".join(part.split())
+                prose = sum(c.isalpha() or c.isspace() for c in text) >= 0.9 * len(text)
+                if 25 <= len(text.split()) <= 150 and ">>>" not in text and prose \
+                        and text not in found:
+                    found.append(text)
+        per_module.append(found)
+    out: list[str] = []
+    while any(per_module) and len(out) < n:
+        out += [found.pop(0) for found in per_module if found][:n - len(out)]
+    return [{"kind": "text", "prompt": None, "response": text} for text in out]
 
 
 def eval_items(n_paragraphs: int) -> list[Any]:
@@ -325,8 +347,8 @@ def child_dense(plan: dict[str, Any]) -> dict[str, Any]:
         model, tok = load_base(ref, device="cpu", threads=0, dtype=torch.float32)
         load_s = time.perf_counter() - t0
         _log(f"loaded {ref.name} in {load_s:.0f}s", t0)
-        notes = work_notes(40)
-        items = {"eval": eval_items(plan["hf_paragraphs"]), "calib": notes, "train": notes}
+        docs = doc_texts(64)
+        items = {"eval": eval_items(plan["hf_paragraphs"]), "calib": docs, "train": docs}
         examples = format_items(eval_items(plan["paragraphs"]), tok, CHAT_FORMAT, MAX_SEQ_LEN)
         ladder = _ladder(settings, model, tok, ref.path, work, examples, plan, t0)
         dense = _snapshot(model)
@@ -566,7 +588,7 @@ def _notes(f: dict[str, Any]) -> list[str]:
         "perplexity: exp(mean NLL) over every scored token of the eval items (general set: "
         "answers; synthetic paragraphs: every token), GGUFs in llama.cpp, pruning in HF fp32",
         "pruning: 50% per output row of every decoder projection; recovery fine-tunes every "
-        "parameter but the embeddings (as the job does) on synthetic team notes (not the eval "
+        "parameter but the embeddings (as the job does) on stdlib docstring prose (not the eval "
         "distribution), masks held; dense_tuned_ppl_hf: the dense model after the same fine-tune",
         "evolved vs current: speedup is the final GGUF's decode tokens/s over the packaged "
         "model's, re-timed interleaved after the job (the job's own figure is job_speed_ratio)",

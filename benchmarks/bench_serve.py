@@ -47,6 +47,23 @@ PROMPTS = [
     "Write a detailed recipe for chocolate chip cookies with all the steps.",
 ]
 TTFT_TOKENS = 4  # max_tokens of the extra time-to-first-token pairs
+# A passage that makes a prompt of ~240 tokens (like a request with a memory block or some
+# history): with it the fixed cost of serving weighs less in the time to first token. It comes
+# after the question, so two long prompts share no KV prefix.
+PASSAGE = (
+    "Background notes from the team wiki. The build server runs nightly jobs that compile the "
+    "application, run the unit and integration tests, and publish the artifacts to the internal "
+    "registry. When a job fails, the on-call engineer receives a notification and looks at the "
+    "logs first, then at the recent commits. The staging database is refreshed every Monday from "
+    "an anonymised copy of production, so tests that depend on fresh data should run after that. "
+    "The deploy freeze starts on Friday afternoon and ends on Monday morning; urgent fixes need a "
+    "second reviewer and a note in the release channel. Backups are taken every night and kept "
+    "for thirty days, with one copy per month kept for a year. The monitoring dashboard shows the "
+    "request rate, the error rate and the latency percentiles of every service, and an alert "
+    "fires when the error rate stays above one percent for five minutes. New team members get a "
+    "laptop, an account on the build server and a mentor for their first month, and they are "
+    "asked to write down whatever was unclear so that the next person has an easier start."
+)
 SEED = 0
 
 
@@ -179,7 +196,7 @@ def _completion_one(llm: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
 
 # -- part a: generation ----------------------------------------------------------------------------
 def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, prompts: list[str],
-                repeats: int, max_tokens: int, ttft_repeats: int) -> dict[str, Any]:
+                repeats: int, max_tokens: int, ttft_repeats: int, long_repeats: int) -> dict[str, Any]:
     import openai
     from llama_cpp import Llama
 
@@ -194,10 +211,10 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
              "completion": lambda p, n: _completion_one(llms["completion"], p, n)}
     names = list(sides)
 
-    def series(rounds: int, tokens: int) -> dict[str, list[dict[str, Any]]]:
+    def series(rounds: int, tokens: int, texts: list[str] = prompts) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for r in range(rounds):
-            for i, prompt in enumerate(prompts):
+            for i, prompt in enumerate(texts):
                 k = (r * len(prompts) + i) % len(names)
                 for name in names[k:] + names[:k]:  # rotate who goes first
                     one = sides[name](prompt, tokens)
@@ -210,6 +227,7 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
             sides[name](prompts[-1], max_tokens)
         runs = series(repeats, max_tokens)
         short = series(ttft_repeats, TTFT_TOKENS)  # more pairs for the time to first token
+        long = series(long_repeats, TTFT_TOKENS, [f"{p}\n\n{PASSAGE}" for p in prompts])
     finally:
         client.close()
         for llm in llms.values():
@@ -220,7 +238,7 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
     for out, ref in zip(runs["completion"], runs["generate"]):
         if not out["tokens"] and out["text"].strip() == ref["text"].strip():
             out["tokens"] = ref["tokens"]
-    for outs in [*runs.values(), *short.values()]:
+    for outs in [*runs.values(), *short.values(), *long.values()]:
         for out in outs:
             _rates(out)
     same_text = {name: sum(o["text"].strip() == s["text"].strip() for o, s in zip(runs[name], runs["serve"]))
@@ -264,6 +282,19 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
     figures["runs_with_uncounted_tokens"] = sum(not o["tokens"] for outs in runs.values() for o in outs)
     figures["ttft_runs_ms"] = {name: [round(o["ttft_s"] * 1e3, 2) if o["ttft_s"] else None for o in outs]
                                for name, outs in short.items()}
+    # What serving adds to the time to first token, per pair (short prompts), and the same
+    # comparison with ~240-token prompts, where that fixed cost weighs less.
+    overhead = [(a["ttft_s"] - b["ttft_s"]) * 1e3 for a, b in
+                zip(runs["serve"] + short["serve"], runs["generate"] + short["generate"])
+                if a["ttft_s"] and b["ttft_s"]]
+    figures["serve_ttft_overhead_ms"] = round(statistics.median(overhead), 2) if overhead else None
+    long_ratio = [b["ttft_s"] / a["ttft_s"] for a, b in zip(long["serve"], long["generate"])
+                  if a["ttft_s"] and b["ttft_s"]]
+    figures["ttft_long_ratio"] = round(statistics.median(long_ratio), 4) if long_ratio else None
+    for name, outs in long.items():
+        values = [o["ttft_s"] for o in outs if o["ttft_s"]]
+        figures[f"{name}_ttft_long_ms"] = round(statistics.median(values) * 1e3, 2) if values else None
+    figures["long_prompt_tokens"] = sorted({o["prompt_tokens"] for o in long["serve"]})
     figures["texts"] = {name: [o["text"][:120] for o in outs[:len(prompts)]] for name, outs in runs.items()}
     return figures
 
@@ -359,7 +390,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     threads = usable_cpus()
     plan = {"n_ctx": 2048, "threads": threads, "prompts": 2 if quick else len(PROMPTS),
             "repeats": 1 if quick else 3, "max_tokens": 16 if quick else 64,
-            "ttft_repeats": 2 if quick else 10,
+            "ttft_repeats": 2 if quick else 10, "long_repeats": 1 if quick else 3,
             "memories": 10_000, "anchor_texts_per_topic": 2 if quick else 24,
             "memory_queries": 4 if quick else 30, "memory_warmup": 1 if quick else 2,
             "memory_budget_tokens": 512}
@@ -399,7 +430,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             busy0, wall0 = _machine_busy_s(), time.perf_counter()
             own0 = _own_cpu_s() + _proc_cpu_s(srv.proc.pid)
             generation = _generation(srv.base, model, gguf, threads, plan["n_ctx"], prompts,
-                                     plan["repeats"], plan["max_tokens"], plan["ttft_repeats"])
+                                     plan["repeats"], plan["max_tokens"], plan["ttft_repeats"],
+                                     plan["long_repeats"])
             wall = time.perf_counter() - wall0
             busy = _machine_busy_s() - busy0
             other = max(0.0, busy - (_own_cpu_s() + _proc_cpu_s(srv.proc.pid) - own0)) / wall
@@ -438,6 +470,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         "tps_ratio_vs_completion": generation["tps_ratio_vs_completion"],
         "ttft_ratio_vs_completion": generation["ttft_ratio_vs_completion"],
         "e2e_tps_ratio": generation["e2e_tps_ratio_vs_generate"],
+        "serve_ttft_overhead_ms": generation["serve_ttft_overhead_ms"],
+        "serve_ttft_long_ms": generation["serve_ttft_long_ms"],
+        "direct_ttft_long_ms": generation["generate_ttft_long_ms"],
+        "ttft_long_ratio": generation["ttft_long_ratio"],
         "memory_p50_ms": injection["memory_ms"]["p50"], "memory_p95_ms": injection["memory_ms"]["p95"],
         "memory_direct_p50_ms": injection["direct_build_context_ms"]["p50"],
         "memory_direct_p95_ms": injection["direct_build_context_ms"]["p95"],
@@ -458,6 +494,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                     target("ttft_ratio", figures["ttft_ratio"], ">=", TARGET_RATIO, "x")],
         "report_only": ["serve_tps", "direct_tps", "completion_tps", "serve_ttft_ms", "direct_ttft_ms",
                         "completion_ttft_ms", "tps_ratio_vs_completion", "ttft_ratio_vs_completion",
+                        "serve_ttft_overhead_ms", "serve_ttft_long_ms", "direct_ttft_long_ms", "ttft_long_ratio",
                         "memory_p50_ms", "memory_p95_ms", "memory_direct_p50_ms", "memory_direct_p95_ms",
                         "latency_delta_p50_ms", "latency_delta_p95_ms", "injected_prompt_tokens_p50",
                         "other_processes_cpus_busy"],
