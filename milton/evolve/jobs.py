@@ -168,7 +168,7 @@ class _Pipeline:
 
         path = self.work / TEACHER_FILE
         if path.is_file():
-            return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+            return _read_jsonl(path)
         prompts = topic_prompts(self.ctx.db, self.cfg.teacher_prompts, seed=self.settings.train.seed)
         items = teacher_answers(teacher, tokenizer, prompts, max_new_tokens=self.cfg.teacher_max_new_tokens,
                                 chat_format=self.settings.model.chat_format) if prompts else []
@@ -210,7 +210,7 @@ class _Pipeline:
         train = list(self.dataset.train) or list(self.dataset.eval)
         teacher = self.work / TEACHER_FILE
         if teacher.is_file():
-            train += [json.loads(line) for line in teacher.read_text("utf-8").splitlines() if line]
+            train += _read_jsonl(teacher)
         result = iterative_prune(
             model, tokenizer, calib_items=train[:self.cfg.calibration_items], train_items=train,
             eval_items=list(self.dataset.eval), evolve_cfg=self.cfg, train_cfg=self.settings.train,
@@ -228,7 +228,7 @@ class _Pipeline:
 
         measured_f16 = previous / gguf_name(UNQUANTIZED)
         if measured_f16.is_file():  # made when the previous stage was measured
-            os.link(measured_f16, out / measured_f16.name)
+            _link_or_copy(measured_f16, out / measured_f16.name)
         files = export_ggufs(self.settings, previous, out, types, threads=self.threads,
                              vocab_from=self.vocab_from)
         texts = [str(getattr(i, "response", "")) for i in self.dataset.eval[:16]]
@@ -247,6 +247,19 @@ class _Pipeline:
         for kind in types:
             measured[kind] = self.measure(files[kind], tokenizer)
         return {"stage": "export", "files": {k: gguf_name(k) for k in files}, "types": measured}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no second copy of a GGUF on disk), or a copy when ``paths.checkpoints_dir``
+    is on another filesystem than ``paths.data_dir``."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _layers(directory: Path) -> int | None:
@@ -373,7 +386,7 @@ def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[s
     write_plot(report, work / REPORT_PNG)
 
     def build(tmp: Path) -> None:
-        os.link(work / "export" / gguf_name(kind), tmp / EVOLVED_GGUF)
+        _link_or_copy(work / "export" / gguf_name(kind), tmp / EVOLVED_GGUF)
         _copy_half(final_dir, tmp / EVOLVED_HF)
         shutil.copyfile(work / REPORT_JSON, tmp / REPORT_JSON)
         shutil.copyfile(work / REPORT_PNG, tmp / REPORT_PNG)

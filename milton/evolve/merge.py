@@ -71,7 +71,8 @@ def save_model(model: Any, tokenizer: Any, directory: Path, *, like: Path | None
 
     The config gets ``architectures`` and loses a GGUF ``quantization_config``; a SentencePiece
     ``tokenizer.model`` beside the source (``like``) is copied, because llama.cpp's converter
-    prefers it to ``tokenizer.json`` for Llama/Gemma vocabularies.
+    prefers it to ``tokenizer.json`` for Llama/Gemma vocabularies. ``like`` is a model
+    directory (never a GGUF's folder, whose other files are unrelated).
     """
     from transformers.utils import logging as hf_logging
 
@@ -88,8 +89,7 @@ def save_model(model: Any, tokenizer: Any, directory: Path, *, like: Path | None
         tokenizer.save_pretrained(directory)
     finally:
         hf_logging.enable_progress_bar()
-    source_dir = like if like is None or like.is_dir() else like.parent
     for name in TOKENIZER_FILES:
-        if source_dir is not None and (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, directory / name)
+        if like is not None and (Path(like) / name).is_file():
+            shutil.copyfile(Path(like) / name, directory / name)
     return directory
