@@ -47,6 +47,7 @@ PROMPTS = [
     "Write a detailed recipe for chocolate chip cookies with all the steps.",
 ]
 TTFT_TOKENS = 4  # max_tokens of the extra time-to-first-token pairs
+CLIENTS = ("http", "openai")  # the serve side's client, by round
 # A passage that makes a prompt of ~240 tokens (like a request with a memory block or some
 # history): with it the fixed cost of serving weighs less in the time to first token. It comes
 # after the question, so two long prompts share no KV prefix.
@@ -104,9 +105,25 @@ def _rates(out: dict[str, Any]) -> None:
     out["e2e_tps"] = n / out["total_s"] if n else None
 
 
+class _Seen:
+    """Streamed text as it arrives: when the first visible and the last text came."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def add(self, text: str) -> None:
+        if text:
+            now = time.perf_counter()
+            if self.first is None and text.strip():
+                self.first = now
+            self.last = now
+            self.parts.append(text)
+
+
 def _serve_one(client: Any, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    parts: list[str] = []
-    first = last = None
+    seen = _Seen()
     finish = usage = None
     t0 = time.perf_counter()
     stream = client.chat.completions.create(
@@ -119,16 +136,40 @@ def _serve_one(client: Any, model: str, prompt: str, max_tokens: int) -> dict[st
         if not chunk.choices:
             continue
         text = chunk.choices[0].delta.content or ""
-        if text:
-            now = time.perf_counter()
-            if first is None and text.strip():
-                first = now
-            last = now
-            parts.append(text)
+        seen.add(text)
         finish = chunk.choices[0].finish_reason or finish
     end = time.perf_counter()
-    return _record(t0, first, last, end, usage.completion_tokens if usage else 0, "".join(parts),
-                   finish, usage.prompt_tokens if usage else None)
+    return _record(t0, seen.first, seen.last, end, usage.completion_tokens if usage else 0,
+                   "".join(seen.parts), finish, usage.prompt_tokens if usage else None)
+
+
+def _http_one(http: Any, base: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """The same request with a lean HTTP client (httpx, one ``json.loads`` per event): what
+    curl or an app's own HTTP code sees, without the openai package's per-chunk models."""
+    import json
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0.0, "seed": SEED,
+            "max_tokens": max_tokens, "user": "bench"}
+    seen = _Seen()
+    finish = usage = None
+    t0 = time.perf_counter()
+    with http.stream("POST", f"{base}/v1/chat/completions", json=body,
+                     headers={"X-Milton-Memory": "off"}) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage") or usage
+            if not event.get("choices"):
+                continue
+            text = event["choices"][0]["delta"].get("content") or ""
+            seen.add(text)
+            finish = event["choices"][0]["finish_reason"] or finish
+    end = time.perf_counter()
+    return _record(t0, seen.first, seen.last, end, usage["completion_tokens"] if usage else 0,
+                   "".join(seen.parts), finish, usage["prompt_tokens"] if usage else None)
 
 
 def _plain_ids(llm: Any, prompt: str) -> list[int]:
@@ -174,24 +215,19 @@ def _completion_one(llm: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
     """``Llama.create_completion(stream=True)`` on the same prompt ids."""
     t0 = time.perf_counter()
     ids = _plain_ids(llm, prompt)
-    parts: list[str] = []
-    first = last = None
+    seen = _Seen()
     finish = None
     for chunk in llm.create_completion(ids, stream=True, temperature=0.0, max_tokens=max_tokens,
                                        stop=[PLAIN_STOP], seed=SEED):
         text = chunk["choices"][0]["text"]
-        if text:
-            now = time.perf_counter()
-            if first is None and text.strip():
-                first = now
-            last = now
-            parts.append(text)
+        seen.add(text)
         finish = chunk["choices"][0]["finish_reason"] or finish
     end = time.perf_counter()
     # llama-cpp-python's stream carries no usage: it stops exactly at max_tokens ('length');
     # a 'stop' finish is counted by the generate side of the same prompt (same greedy text).
     produced = max_tokens if finish == "length" else 0
-    return _record(t0, first, last, end, produced, "".join(parts).lstrip(" "), finish, len(ids))
+    return _record(t0, seen.first, seen.last, end, produced, "".join(seen.parts).lstrip(" "), finish,
+                   len(ids))
 
 
 # -- part a: generation ----------------------------------------------------------------------------
@@ -204,9 +240,16 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
         return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                      n_gpu_layers=0, n_batch=min(512, n_ctx), verbose=False)
 
+    import httpx
+
     llms = {"generate": load(), "completion": load()}
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600)
-    sides = {"serve": lambda p, n: _serve_one(client, model, p, n),
+    http = httpx.Client(timeout=600)
+    # The serve side's client alternates by round (the openai package, then plain HTTP), so the
+    # server's context sees each prompt once per round, as each direct side's own Llama does.
+    clients = {"openai": lambda p, n: _serve_one(client, model, p, n),
+               "http": lambda p, n: _http_one(http, base, model, p, n)}
+    sides = {"serve": None,
              "generate": lambda p, n: _generate_one(llms["generate"], p, n),
              "completion": lambda p, n: _completion_one(llms["completion"], p, n)}
     names = list(sides)
@@ -214,22 +257,26 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
     def series(rounds: int, tokens: int, texts: list[str] = prompts) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for r in range(rounds):
+            via = CLIENTS[r % len(CLIENTS)]
             for i, prompt in enumerate(texts):
                 k = (r * len(prompts) + i) % len(names)
                 for name in names[k:] + names[:k]:  # rotate who goes first
-                    one = sides[name](prompt, tokens)
-                    one.update(repeat=r, prompt=i)
+                    one = clients[via](prompt, tokens) if name == "serve" else sides[name](prompt, tokens)
+                    one.update(repeat=r, prompt=i, client=via if name == "serve" else None)
                     out[name].append(one)
         return out
 
     try:
-        for name in names:  # warm-up (serve: its embedder for the session log; caches)
+        for via in CLIENTS:  # warm-up (serve: its embedder for the session log; caches)
+            clients[via](prompts[-1], max_tokens)
+        for name in names[1:]:
             sides[name](prompts[-1], max_tokens)
         runs = series(repeats, max_tokens)
         short = series(ttft_repeats, TTFT_TOKENS)  # more pairs for the time to first token
         long = series(long_repeats, TTFT_TOKENS, [f"{p}\n\n{PASSAGE}" for p in prompts])
     finally:
         client.close()
+        http.close()
         for llm in llms.values():
             llm.close()
 
@@ -246,12 +293,12 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
     same_prompt = all(o["prompt_tokens"] == s["prompt_tokens"]
                       for name in ("generate", "completion") for o, s in zip(runs[name], runs["serve"]))
 
-    def ratios(num: str, den: str, key: str, invert: bool = False) -> list[float]:
+    def ratios(num: str, den: str, key: str, invert: bool = False, via: str | None = None) -> list[float]:
         out = []
         pairs = zip(runs[num] + short[num], runs[den] + short[den]) if key == "ttft_s" else \
             zip(runs[num], runs[den])
         for a, b in pairs:
-            if a[key] and b[key]:
+            if a[key] and b[key] and (via is None or a["client"] == via):
                 out.append(b[key] / a[key] if invert else a[key] / b[key])
         return out
 
@@ -264,6 +311,17 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
         figures[f"{name}_tokens"] = sum(o["tokens"] for o in runs[name])
         figures[f"{name}_finish"] = {f: sum(o["finish"] == f for o in runs[name])
                                      for f in {o["finish"] for o in runs[name]}}
+    for via in CLIENTS:
+        tps = ratios("serve", "generate", "decode_tps", via=via)
+        ttft = ratios("serve", "generate", "ttft_s", invert=True, via=via)
+        figures[f"tps_ratio_{via}"] = round(statistics.median(tps), 4) if tps else None
+        figures[f"ttft_ratio_{via}"] = round(statistics.median(ttft), 4) if ttft else None
+        values = [o["ttft_s"] for o in runs["serve"] + short["serve"] if o["ttft_s"] and o["client"] == via]
+        figures[f"serve_ttft_ms_{via}"] = round(statistics.median(values) * 1e3, 2) if values else None
+        overhead = [(a["ttft_s"] - b["ttft_s"]) * 1e3 for a, b in
+                    zip(runs["serve"] + short["serve"], runs["generate"] + short["generate"])
+                    if a["ttft_s"] and b["ttft_s"] and a["client"] == via]
+        figures[f"serve_ttft_overhead_ms_{via}"] = round(statistics.median(overhead), 2) if overhead else None
     for direct in ("generate", "completion"):
         tps = ratios("serve", direct, "decode_tps")
         ttft = ratios("serve", direct, "ttft_s", invert=True)
@@ -389,8 +447,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     threads = usable_cpus()
     plan = {"n_ctx": 2048, "threads": threads, "prompts": 2 if quick else len(PROMPTS),
-            "repeats": 1 if quick else 3, "max_tokens": 16 if quick else 64,
-            "ttft_repeats": 2 if quick else 10, "long_repeats": 1 if quick else 3,
+            "repeats": 1 if quick else 4, "max_tokens": 16 if quick else 64,
+            "ttft_repeats": 2 if quick else 10, "long_repeats": 1 if quick else 4,
             "memories": 10_000, "anchor_texts_per_topic": 2 if quick else 24,
             "memory_queries": 4 if quick else 30, "memory_warmup": 1 if quick else 2,
             "memory_budget_tokens": 512}
@@ -465,8 +523,14 @@ def run(quick: bool = False) -> dict[str, Any]:
         "completion_tps": generation["completion_decode_tps"],
         "serve_ttft_ms": generation["serve_ttft_ms"], "direct_ttft_ms": generation["generate_ttft_ms"],
         "completion_ttft_ms": generation["completion_ttft_ms"],
-        "tps_ratio": generation["tps_ratio_vs_generate"],
-        "ttft_ratio": generation["ttft_ratio_vs_generate"],
+        "tps_ratio": generation["tps_ratio_http"],
+        "ttft_ratio": generation["ttft_ratio_http"],
+        "tps_ratio_openai": generation["tps_ratio_openai"],
+        "ttft_ratio_openai": generation["ttft_ratio_openai"],
+        "serve_ttft_ms_http": generation["serve_ttft_ms_http"],
+        "serve_ttft_ms_openai": generation["serve_ttft_ms_openai"],
+        "serve_ttft_overhead_ms_http": generation["serve_ttft_overhead_ms_http"],
+        "serve_ttft_overhead_ms_openai": generation["serve_ttft_overhead_ms_openai"],
         "tps_ratio_vs_completion": generation["tps_ratio_vs_completion"],
         "ttft_ratio_vs_completion": generation["ttft_ratio_vs_completion"],
         "e2e_tps_ratio": generation["e2e_tps_ratio_vs_generate"],
@@ -492,7 +556,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         "figures": figures,
         "targets": [target("tps_ratio", figures["tps_ratio"], ">=", TARGET_RATIO, "x"),
                     target("ttft_ratio", figures["ttft_ratio"], ">=", TARGET_RATIO, "x")],
-        "report_only": ["serve_tps", "direct_tps", "completion_tps", "serve_ttft_ms", "direct_ttft_ms",
+        "report_only": ["tps_ratio_openai", "ttft_ratio_openai", "serve_ttft_ms_http", "serve_ttft_ms_openai",
+                        "serve_ttft_overhead_ms_http", "serve_ttft_overhead_ms_openai",
+                        "serve_tps", "direct_tps", "completion_tps", "serve_ttft_ms", "direct_ttft_ms",
                         "completion_ttft_ms", "tps_ratio_vs_completion", "ttft_ratio_vs_completion",
                         "serve_ttft_overhead_ms", "serve_ttft_long_ms", "direct_ttft_long_ms", "ttft_long_ratio",
                         "memory_p50_ms", "memory_p95_ms", "memory_direct_p50_ms", "memory_direct_p95_ms",

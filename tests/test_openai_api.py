@@ -51,6 +51,7 @@ class EchoEngine:
         self.cancelled: list[int] = []  # indexes into calls
         self.finished: list[int] = []
         self.started = threading.Event()  # set when a generation produced its first token
+        self.threads: list[int] = []  # native id of the thread each generation ran on
         self._lock = threading.Lock()
 
     def info(self) -> EngineInfo:
@@ -62,6 +63,7 @@ class EchoEngine:
     def chat(self, messages: list[dict[str, str]], params: GenerationParams,
              cancel: threading.Event | None = None) -> Iterator[Chunk]:
         with self._lock:
+            self.threads.append(threading.get_native_id())
             index = len(self.calls)
             self.calls.append(([dict(m) for m in messages], params))
             prompt = sum(self.count_tokens(m["content"]) for m in messages)
@@ -205,6 +207,10 @@ def test_chat_stream_models_and_sessions(milton_home, echo, embedder):
         assert events[-1] == "[DONE]"
         deltas = [json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]]
         assert "".join(deltas) == reply.choices[0].message.content
+        # Every generation ran on the one long-lived generation thread (llama.cpp's OpenMP
+        # team is per calling thread: a thread per request paid for a new team each time).
+        assert len(echo.threads) == 4 and set(echo.threads) == {echo.threads[0]}
+        assert echo.threads[0] != threading.get_native_id()
 
         # Each exchange is logged to the user's session: only the new turn, never twice.
         db = srv.db()
@@ -372,6 +378,36 @@ def _stream_in_thread(base: str, body: dict, out: dict, key: str) -> threading.T
     thread = threading.Thread(target=run)
     thread.start()
     return thread
+
+
+def test_stream_interval_sends_tokens_together_but_the_first_at_once(milton_home, embedder):
+    def contents(srv: Live, engine: EchoEngine, n: int) -> tuple[list[str], bool]:
+        """The content of each stream event, and whether the first arrived while the engine
+        was still generating."""
+        got: list[str] = []
+        early = None
+        with httpx.stream("POST", f"{srv.base}/v1/chat/completions", timeout=30,
+                          json={"model": MODEL, "stream": True,
+                                "messages": [{"role": "user", "content": f"count {n}"}]}) as r:
+            for line in r.iter_lines():  # line by line: when each event arrives matters here
+                event = line[len("data: "):] if line.startswith("data: ") else "[DONE]"
+                if event != "[DONE]" and (text := json.loads(event)["choices"][0]["delta"].get("content")):
+                    if early is None:
+                        early = not engine.finished
+                    got.append(text)
+        return got, bool(early)
+
+    expected = [f"{i} " for i in range(30)]
+    engine = EchoEngine(delay=0.01)  # 30 tokens in ~0.3 s
+    with live(milton_home, engine, serve__memory_budget_tokens="0", serve__stream_interval_ms="120") as srv:
+        got, early = contents(srv, engine, 30)
+    assert "".join(got) == "".join(expected)
+    assert got[0] == "0 " and early  # the first token alone, before the rest was generated
+    assert 2 <= len(got) <= 6  # then batches of ~120 ms, not 30 events
+    engine = EchoEngine(delay=0.01)
+    with live(milton_home, engine, serve__memory_budget_tokens="0", serve__stream_interval_ms="0") as srv:
+        got, early = contents(srv, engine, 30)
+    assert got == expected and early  # 0: an event per token
 
 
 def test_queue_full_429_and_timeout_504(milton_home):
@@ -580,6 +616,11 @@ def test_real_llama_engine_through_the_openai_client(milton_home, tiny_gguf, emb
             with pytest.raises(openai.BadRequestError) as err:
                 client.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * 900}])
             assert err.value.body["code"] == "context_length_exceeded" and "serve.n_ctx" in err.value.message
+            # Streaming too: the stream starts with the first token, so the error has its status.
+            with pytest.raises(openai.BadRequestError) as err:
+                client.chat.completions.create(model=model, stream=True,
+                                               messages=[{"role": "user", "content": "word " * 900}])
+            assert err.value.body["code"] == "context_length_exceeded"
             db = srv.db()
             try:
                 rows = wait_until(lambda: len(messages_of(db, "ivy")) == 6 and messages_of(db, "ivy"))

@@ -180,6 +180,13 @@ class ServeConfig(_Section):
         default=300.0, gt=0,
         description="A chat request still queued or generating after this long is cancelled (504).",
     )
+    stream_interval_ms: float = Field(
+        default=50.0, ge=0,
+        description="Tokens generated within this many milliseconds of the last ones sent go out "
+        "together, in one stream event; the first token is always sent at once. Saves the server "
+        "and the client a wake-up per token (CPU the model would otherwise lose on a small "
+        "machine); 0 = an event per token.",
+    )
     memory_budget_tokens: int = Field(
         default=512, ge=0,
         description="Token budget of the relevant-memories block added to a chat request's "

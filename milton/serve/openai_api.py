@@ -56,6 +56,7 @@ from milton.serve.openai_schema import (
     sse,
     usage_chunk,
 )
+from milton.serve.worker import GenerationThread
 
 logger = get_logger("serve.api")
 
@@ -89,12 +90,13 @@ class _Job:
     req: ChatRequest
     key: str | None
     memory: bool
-    t0: float  # perf_counter at arrival
+    t0: float  # perf_counter at arrival (as gen_start, first_token, gen_end)
     deadline: float  # monotonic
     cancel: threading.Event = field(default_factory=threading.Event)
     session_id: str | None = None
     memory_items: int = 0
     memory_s: float | None = None  # time spent building the memory block (None = not built)
+    lookup: asyncio.Future | None = None  # the session lookup, when it runs beside the generation
     gen_start: float | None = None
     first_token: float | None = None
     gen_end: float | None = None
@@ -112,6 +114,10 @@ def default_model_id(settings: Settings) -> str:
         base = MODEL_NAME
     name = Path(base.rstrip("/")).name
     return name[:-5] if name.lower().endswith(".gguf") else name
+
+
+def _ms(at: float | None, since: float) -> float | None:
+    return round((at - since) * 1e3, 3) if at is not None else None
 
 
 def _new_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -149,7 +155,8 @@ class OpenAIService:
         self._reader_lock = threading.Lock()
         self._log_pool = ThreadPoolExecutor(1, thread_name_prefix="session-log")
         self._inflight: dict[str, threading.Event] = {}
-        self._workers: set[threading.Thread] = set()
+        self._generator = GenerationThread()
+        self._workers: set[str] = set()  # ids of the requests whose generation has not ended
         self._seen: dict[str, float] = {}  # session id -> monotonic time of its last exchange
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
@@ -273,18 +280,27 @@ class OpenAIService:
             self._log_exchange(job, reply, meta)
 
     # -- memory -----------------------------------------------------------------------------
-    def _prepare(self, job: _Job, engine: ChatEngine) -> list[dict[str, str]]:
-        """Session lookup and memory injection (worker thread); the messages for the engine."""
+    def _lookup_session(self, job: _Job) -> None:
+        """The session this request is logged to (worker thread)."""
         try:
             job.session_id = self._tracker_get().session_for_user(job.key)
         except Exception as exc:  # noqa: BLE001
             self.metrics.fallback("session")
             log_event(logger, "session lookup failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _prepare(self, job: _Job, engine: ChatEngine) -> list[dict[str, str]]:
+        """Session lookup and memory injection (worker thread); the messages for the engine."""
+        self._lookup_session(job)
+        return self._messages(job, engine)
+
+    def _injects(self, job: _Job) -> bool:
+        return job.memory and self.serve.memory_budget_tokens > 0
+
+    def _messages(self, job: _Job, engine: ChatEngine) -> list[dict[str, str]]:
         messages = [dict(m) for m in job.req.messages]
         if not job.memory:
             self.metrics.memory_skipped()
-            return messages
-        if self.serve.memory_budget_tokens <= 0:
+        if not self._injects(job):
             return messages
         try:
             return self._inject(messages, engine, job)
@@ -293,6 +309,11 @@ class OpenAIService:
             log_event(logger, "memory injection failed", level=logging.ERROR,
                       error=f"{type(exc).__name__}: {exc}")
             return messages
+
+    async def _session_ready(self, job: _Job) -> None:
+        """Wait for a session lookup started beside the generation (it never raises)."""
+        if job.lookup is not None:
+            await job.lookup
 
     def _budget(self, messages: list[dict[str, str]], engine: ChatEngine, params: GenerationParams) -> int:
         budget = self.serve.memory_budget_tokens
@@ -325,8 +346,8 @@ class OpenAIService:
     # -- generation -------------------------------------------------------------------------
     def _start(self, engine: ChatEngine, messages: list[dict[str, str]], job: _Job,
                release: Any) -> asyncio.Queue:
-        """Run ``engine.chat`` on a thread; its chunks arrive on the returned queue, then _END.
-        ``release`` (the queue ticket) is called on the loop when the thread is done."""
+        """Run ``engine.chat`` on the generation thread; its chunks arrive on the returned queue,
+        then _END. ``release`` (the queue ticket) is called on the loop when it is done."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -336,32 +357,44 @@ class OpenAIService:
             except RuntimeError:  # the loop is gone (shutdown)
                 pass
 
+        interval = self.serve.stream_interval_ms / 1e3
+
         def work() -> None:
-            job.gen_start = time.monotonic()
+            job.gen_start = time.perf_counter()
+            batch: list[Chunk] = []  # chunks not yet handed over (see serve.stream_interval_ms)
+            sent = float("-inf")
             try:
                 for chunk in engine.chat(messages, job.req.params, job.cancel):
+                    now = time.perf_counter()
                     if job.first_token is None and chunk.text:
-                        job.first_token = time.monotonic()
-                    put(chunk)
+                        job.first_token = now
+                    batch.append(chunk)
                     if chunk.finish_reason is not None:
                         break
+                    if now - sent >= interval:
+                        put(batch)
+                        batch, sent = [], now
                     if time.monotonic() > job.deadline + 1:
                         job.cancel.set()  # nobody is reading any more (a safety net)
             except BaseException as exc:  # noqa: BLE001 - reported to the request
+                if batch:
+                    put(batch)
+                    batch = []
                 put(_Failure(exc))
             finally:
-                job.gen_end = time.monotonic()
+                if batch:
+                    put(batch)
+                job.gen_end = time.perf_counter()
                 self._avg_gen_s = 0.8 * self._avg_gen_s + 0.2 * (job.gen_end - job.gen_start)
                 put(_END)
                 try:
                     loop.call_soon_threadsafe(release)
                 except RuntimeError:
                     pass
-                self._workers.discard(thread)
+                self._workers.discard(job.rid)
 
-        thread = threading.Thread(target=work, name=f"generate-{job.rid[-8:]}", daemon=True)
-        self._workers.add(thread)
-        thread.start()
+        self._workers.add(job.rid)
+        self._generator.submit(work)
         return queue
 
     async def _race(self, awaitable: Any, request: Request, deadline: float) -> Any:
@@ -380,10 +413,26 @@ class OpenAIService:
             if not task.done():
                 task.cancel()
 
+    async def _get(self, queue: asyncio.Queue, request: Request, deadline: float) -> Any:
+        """The generation's next item, as :meth:`_race` but without a task per item (it is on
+        the path of every token)."""
+        while True:
+            if not queue.empty():
+                return queue.get_nowait()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _TimedOut()
+            try:
+                async with asyncio.timeout(min(remaining, POLL_S)):
+                    return await queue.get()
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise _Disconnected() from None
+
     def _record_generation(self, job: _Job, usage: Usage | None) -> None:
         if usage is None or job.gen_start is None:
             return
-        end = job.gen_end or time.monotonic()
+        end = job.gen_end or time.perf_counter()
         first = (job.first_token - job.gen_start) if job.first_token else None
         self.metrics.generation(usage.prompt_tokens, usage.completion_tokens, end - job.gen_start, first)
 
@@ -430,7 +479,12 @@ class OpenAIService:
         self._inflight[job.rid] = job.cancel
         started = False
         try:
-            messages = await self._race(asyncio.to_thread(self._prepare, job, engine), request, job.deadline)
+            if self._injects(job):
+                messages = await self._race(asyncio.to_thread(self._prepare, job, engine), request,
+                                            job.deadline)
+            else:  # the prompt needs nothing from the store: find the session while it is read
+                job.lookup = asyncio.ensure_future(asyncio.to_thread(self._lookup_session, job))
+                messages = self._messages(job, engine)
             await self._race(ticket.acquire(), request, job.deadline)
             queue = self._start(engine, messages, job, ticket.release)
             started = True
@@ -447,12 +501,36 @@ class OpenAIService:
                 ticket.release()
                 self._inflight.pop(job.rid, None)
         if req.stream:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            if job.session_id:
-                headers["X-Milton-Session-Id"] = job.session_id
-            return _SSEResponse(self._stream(job, queue), lambda: self._abandon(job),
-                                media_type="text/event-stream", headers=headers)
+            return await self._stream_response(job, queue, request)
         return await self._complete(job, queue, request)
+
+    async def _stream_response(self, job: _Job, queue: asyncio.Queue, request: Request) -> Response:
+        """Start the event stream when the first token is ready, not before.
+
+        Why: on a small machine the client reading an early header or role chunk takes CPU
+        from the prompt being processed (llama.cpp's threads wait on each other), which showed
+        as a slower time to first token than llama-cpp-python called directly; and a request
+        that fails before its first token (a prompt too long for the context, a timeout)
+        gets its own HTTP status instead of an error event inside a 200 stream.
+        """
+        try:
+            first = await self._get(queue, request, job.deadline)
+        except _Disconnected:
+            return self._cut_short(job, "client_disconnected", "", None)
+        except _TimedOut:
+            return self._cut_short(job, "timeout", "", None)
+        except asyncio.CancelledError:  # uvicorn gave up waiting for us (shutdown)
+            self._shut_out(job, "")
+            raise
+        if isinstance(first, _Failure):
+            self._inflight.pop(job.rid, None)
+            raise self._failure_error(first)
+        await self._session_ready(job)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if job.session_id:
+            headers["X-Milton-Session-Id"] = job.session_id
+        return _SSEResponse(self._stream(job, queue, first), lambda: self._abandon(job),
+                            media_type="text/event-stream", headers=headers)
 
     def _failure_error(self, failure: _Failure) -> ApiError:
         exc = failure.exc
@@ -468,6 +546,31 @@ class OpenAIService:
         return ApiError(503, "the generation was cancelled", "server_error", code="cancelled",
                         headers={"Retry-After": "1"})
 
+    def _stop_job(self, job: _Job, reason: str, text: str, usage: Usage | None) -> None:
+        """A generation ended before its answer was complete: stop it, count it, and log what
+        was said (flagged incomplete)."""
+        job.cancel.set()
+        self._inflight.pop(job.rid, None)
+        self.metrics.cancel(reason)
+        self._submit_log(job, text, "cancelled", usage, reason)
+
+    def _cut_short(self, job: _Job, reason: str, text: str, usage: Usage | None) -> Response:
+        """:meth:`_stop_job`, then 499 for a client that left; raises the error for the others."""
+        self._stop_job(job, reason, text, usage)
+        if reason == "client_disconnected":
+            self.metrics.request("chat", 499, time.perf_counter() - job.t0)
+            return Response(status_code=499)
+        if reason == "timeout":
+            raise ApiError(504, f"the generation took longer than serve.request_timeout_s "
+                           f"({self.serve.request_timeout_s:g} s) and was cancelled", "timeout",
+                           code="request_timeout")
+        raise self._cancelled_error()
+
+    def _shut_out(self, job: _Job, text: str) -> None:
+        """uvicorn cancelled the request handler (shutdown, or the client left): stop and count."""
+        self._stop_job(job, "shutdown" if self.closing else "client_disconnected", text, None)
+        self.metrics.request("chat", 499, time.perf_counter() - job.t0)
+
     async def _complete(self, job: _Job, queue: asyncio.Queue, request: Request) -> Response:
         parts: list[str] = []
         final: Chunk | None = None
@@ -481,7 +584,7 @@ class OpenAIService:
                         checked = time.monotonic()
                         if await request.is_disconnected():
                             raise _Disconnected()
-                    item = await self._race(queue.get(), request, job.deadline)
+                    item = await self._get(queue, request, job.deadline)
                 except _Disconnected:
                     reason = "client_disconnected"
                     break
@@ -489,40 +592,28 @@ class OpenAIService:
                     reason = "timeout"
                     break
                 except asyncio.CancelledError:  # uvicorn gave up waiting for us (shutdown)
-                    reason = "shutdown" if self.closing else "client_disconnected"
-                    job.cancel.set()
-                    self.metrics.cancel(reason)
-                    self._submit_log(job, "".join(parts), "cancelled", None, reason)
-                    self.metrics.request("chat", 499, time.perf_counter() - job.t0)
+                    self._shut_out(job, "".join(parts))
                     raise
                 if item is _END:
                     break
                 if isinstance(item, _Failure):
                     failure = item
                     continue
-                parts.append(item.text)
-                if item.finish_reason is not None:
-                    final = item
+                for piece in item:
+                    parts.append(piece.text)
+                    if piece.finish_reason is not None:
+                        final = piece
             text = "".join(parts)
             if final is not None and final.finish_reason == "cancelled" and reason is None:
                 reason = "shutdown" if self.closing else "cancelled"
             if reason is not None:
-                job.cancel.set()
-                self.metrics.cancel(reason)
-                self._submit_log(job, text, "cancelled", final.usage if final else None, reason)
-                if reason == "client_disconnected":
-                    self.metrics.request("chat", 499, time.perf_counter() - job.t0)
-                    return Response(status_code=499)
-                if reason == "timeout":
-                    raise ApiError(504, f"the generation took longer than serve.request_timeout_s "
-                                   f"({self.serve.request_timeout_s:g} s) and was cancelled", "timeout",
-                                   code="request_timeout")
-                raise self._cancelled_error()
+                return self._cut_short(job, reason, text, final.usage if final else None)
             if failure is not None:
                 raise self._failure_error(failure)
             usage = (final.usage if final and final.usage else None) or \
                 Usage(0, estimate_tokens(text) if text else 0)
             finish = final.finish_reason if final else "stop"
+            await self._session_ready(job)
             self._record_generation(job, usage)
             self._submit_log(job, text, finish, usage)
             body = completion_body(job.rid, job.created, job.model, text, finish, usage,
@@ -533,7 +624,10 @@ class OpenAIService:
         finally:
             self._inflight.pop(job.rid, None)
 
-    async def _stream(self, job: _Job, queue: asyncio.Queue) -> AsyncIterator[bytes]:
+    async def _stream(self, job: _Job, queue: asyncio.Queue, first: Any) -> AsyncIterator[bytes]:
+        """The event stream, from the generation's ``first`` item on. Items already waiting
+        are sent in one write (fewer wake-ups for client and server when tokens come faster
+        than they are read); the role chunk goes out with the first text."""
         req = job.req
         parts: list[str] = []
         final: Chunk | None = None
@@ -545,45 +639,54 @@ class OpenAIService:
             return sse(chunk_body(job.rid, job.created, job.model, delta, finish, req.include_usage))
 
         job.streaming = True
+        out = [chunk({"role": "assistant", "content": ""})]
+        item = first
         try:
-            yield chunk({"role": "assistant", "content": ""})
             while True:
-                remaining = job.deadline - time.monotonic()
-                try:
-                    item = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
-                except asyncio.TimeoutError:
-                    reason, status = "timeout", 504
-                    yield sse(ApiError(504, "the generation took longer than serve.request_timeout_s "
-                                       f"({self.serve.request_timeout_s:g} s) and was cancelled", "timeout",
-                                       code="request_timeout").body())
-                    return
+                if item is None:
+                    if out:
+                        yield b"".join(out)
+                        out.clear()
+                    try:
+                        async with asyncio.timeout(max(job.deadline - time.monotonic(), 0.001)):
+                            item = await queue.get()
+                    except TimeoutError:
+                        reason, status = "timeout", 504
+                        yield sse(ApiError(504, "the generation took longer than serve.request_timeout_s "
+                                           f"({self.serve.request_timeout_s:g} s) and was cancelled", "timeout",
+                                           code="request_timeout").body())
+                        return
                 if item is _END:
                     break
                 if isinstance(item, _Failure):
                     error = self._failure_error(item)
                     status = error.status
-                    yield sse(error.body())
+                    out.append(sse(error.body()))
+                    yield b"".join(out)
                     return
-                if item.text:
-                    parts.append(item.text)
-                    yield chunk({"content": item.text})
-                if item.finish_reason is not None:
-                    final = item
+                text = "".join(piece.text for piece in item)  # one event per batch
+                if text:
+                    parts.append(text)
+                    out.append(chunk({"content": text}))
+                final = next((piece for piece in item if piece.finish_reason is not None), final)
+                item = queue.get_nowait() if not queue.empty() else None
             if final is not None and final.finish_reason == "cancelled":
                 reason = "shutdown" if self.closing else "cancelled"
                 error = self._cancelled_error()
                 status = error.status
-                yield sse(error.body())
+                out.append(sse(error.body()))
+                yield b"".join(out)
                 return
             finish = final.finish_reason if final else "stop"
             usage = (final.usage if final and final.usage else None) or \
                 Usage(0, estimate_tokens("".join(parts)) if parts else 0)
             last = chunk_body(job.rid, job.created, job.model, {}, finish, req.include_usage)
             last["milton"] = self._extension(job, final)
-            yield sse(last)
+            out.append(sse(last))
             if req.include_usage:
-                yield sse(usage_chunk(job.rid, job.created, job.model, usage))
-            yield sse("[DONE]")
+                out.append(sse(usage_chunk(job.rid, job.created, job.model, usage)))
+            out.append(sse("[DONE]"))
+            yield b"".join(out)
             done = True
         except (asyncio.CancelledError, GeneratorExit):
             reason = reason or ("shutdown" if self.closing else "client_disconnected")
@@ -611,7 +714,8 @@ class OpenAIService:
         across hot swaps and where its latency went."""
         return {"session_id": job.session_id, "memory_items": job.memory_items,
                 "memory_ms": round(job.memory_s * 1e3, 3) if job.memory_s is not None else None,
-                "adapter": getattr(final, "adapter_version", None)}
+                "adapter": getattr(final, "adapter_version", None),
+                "queue_ms": _ms(job.gen_start, job.t0), "first_token_ms": _ms(job.first_token, job.t0)}
 
     def _abandon(self, job: _Job) -> None:
         """The response ended before its stream started (the client left at once): stop the
@@ -703,6 +807,7 @@ class OpenAIService:
         if self._timer is not None:
             await asyncio.to_thread(self._timer.join, wait_s)
         await asyncio.to_thread(self._log_pool.shutdown, True)
+        self._generator.close(timeout=0 if self._workers else wait_s)
         for db in (self._tracker.db if self._tracker else None, self._reader):
             if db is not None:
                 try:
