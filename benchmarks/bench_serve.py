@@ -302,6 +302,13 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
                 out.append(b[key] / a[key] if invert else a[key] / b[key])
         return out
 
+    def overhead_ms(via: str | None = None) -> float | None:
+        """What serving adds to the time to first token: median of serve - generate per pair."""
+        diffs = [(a["ttft_s"] - b["ttft_s"]) * 1e3 for a, b in
+                 zip(runs["serve"] + short["serve"], runs["generate"] + short["generate"])
+                 if a["ttft_s"] and b["ttft_s"] and (via is None or a["client"] == via)]
+        return round(statistics.median(diffs), 2) if diffs else None
+
     figures: dict[str, Any] = {}
     for name in names:
         for key, scale in (("ttft_s", 1e3), ("decode_tps", 1.0), ("e2e_tps", 1.0)):
@@ -318,10 +325,7 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
         figures[f"ttft_ratio_{via}"] = round(statistics.median(ttft), 4) if ttft else None
         values = [o["ttft_s"] for o in runs["serve"] + short["serve"] if o["ttft_s"] and o["client"] == via]
         figures[f"serve_ttft_ms_{via}"] = round(statistics.median(values) * 1e3, 2) if values else None
-        overhead = [(a["ttft_s"] - b["ttft_s"]) * 1e3 for a, b in
-                    zip(runs["serve"] + short["serve"], runs["generate"] + short["generate"])
-                    if a["ttft_s"] and b["ttft_s"] and a["client"] == via]
-        figures[f"serve_ttft_overhead_ms_{via}"] = round(statistics.median(overhead), 2) if overhead else None
+        figures[f"serve_ttft_overhead_ms_{via}"] = overhead_ms(via)
     for direct in ("generate", "completion"):
         tps = ratios("serve", direct, "decode_tps")
         ttft = ratios("serve", direct, "ttft_s", invert=True)
@@ -342,10 +346,7 @@ def _generation(base: str, model: str, gguf: Path, threads: int, n_ctx: int, pro
                                for name, outs in short.items()}
     # What serving adds to the time to first token, per pair (short prompts), and the same
     # comparison with ~240-token prompts, where that fixed cost weighs less.
-    overhead = [(a["ttft_s"] - b["ttft_s"]) * 1e3 for a, b in
-                zip(runs["serve"] + short["serve"], runs["generate"] + short["generate"])
-                if a["ttft_s"] and b["ttft_s"]]
-    figures["serve_ttft_overhead_ms"] = round(statistics.median(overhead), 2) if overhead else None
+    figures["serve_ttft_overhead_ms"] = overhead_ms()
     long_ratio = [b["ttft_s"] / a["ttft_s"] for a, b in zip(long["serve"], long["generate"])
                   if a["ttft_s"] and b["ttft_s"]]
     figures["ttft_long_ratio"] = round(statistics.median(long_ratio), 4) if long_ratio else None

@@ -539,6 +539,11 @@ class OpenAIService:
         log_event(logger, "generation failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
         return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
 
+    def _timeout_error(self) -> ApiError:
+        return ApiError(504, f"the generation took longer than serve.request_timeout_s "
+                        f"({self.serve.request_timeout_s:g} s) and was cancelled", "timeout",
+                        code="request_timeout")
+
     def _cancelled_error(self) -> ApiError:
         if self.closing:
             return ApiError(503, "the server is shutting down; the generation was cancelled", "server_error",
@@ -561,9 +566,7 @@ class OpenAIService:
             self.metrics.request("chat", 499, time.perf_counter() - job.t0)
             return Response(status_code=499)
         if reason == "timeout":
-            raise ApiError(504, f"the generation took longer than serve.request_timeout_s "
-                           f"({self.serve.request_timeout_s:g} s) and was cancelled", "timeout",
-                           code="request_timeout")
+            raise self._timeout_error()
         raise self._cancelled_error()
 
     def _shut_out(self, job: _Job, text: str) -> None:
@@ -652,9 +655,7 @@ class OpenAIService:
                             item = await queue.get()
                     except TimeoutError:
                         reason, status = "timeout", 504
-                        yield sse(ApiError(504, "the generation took longer than serve.request_timeout_s "
-                                           f"({self.serve.request_timeout_s:g} s) and was cancelled", "timeout",
-                                           code="request_timeout").body())
+                        yield sse(self._timeout_error().body())
                         return
                 if item is _END:
                     break

@@ -46,11 +46,6 @@ class GenerationThread:
             except BaseException:  # noqa: BLE001 - documented: callers report their own errors
                 pass
 
-    @property
-    def ident(self) -> int | None:
-        """The native thread id generations run on (None before the first)."""
-        return self._thread.ident if self._thread is not None else None
-
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the thread."""
         with self._lock:
