@@ -1,6 +1,8 @@
 # Two set-up commands for a fresh machine: `make run` and `make test`.
 # Each creates .venv and installs what it needs on first use (and again when pyproject changes).
-# llama-cpp-python builds from source on first install (about 8 minutes on 2 cores).
+# llama-cpp-python builds from source on first install (about 6 minutes on 2 cores; the wheel
+# is then cached in ~/.cache/milton/wheels, keyed on its build flags). MILTON_LLAMA_CPU picks
+# the instruction-set tier (auto, avx512, avx2, sse42, generic): see scripts/llama_wheel.py.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,11 +10,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install run test bench docs systemd-tools clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/llama_wheel.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# llama-cpp-python built portably (no -march=native, no AMX), wheel cached per set of flags
+	$(PYTHON) scripts/llama_wheel.py $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m milton.train.tools   # llama.cpp's converters, from the same sdist
+	# last: the packaged model must generate in a child process, or the install fails here
+	$(BIN)/python -m milton.models.smoke --install
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -111,6 +111,11 @@ class ServeConfig(_Section):
     chat_enabled: bool = Field(
         default=True, description="Load the language model and answer /v1 (off: anomaly scoring only)."
     )
+    smoke_check: bool = Field(
+        default=True, description="Before loading the llama.cpp model in-process, generate a few "
+        "tokens from it in a child process; if that child crashes, serve runs with chat disabled "
+        "(503 with the reason) and keeps scoring, instead of dying with it."
+    )
     host: str = Field(default="127.0.0.1", description="Bind address (loopback by default).")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     snapshot_interval_s: float = Field(

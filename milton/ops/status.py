@@ -19,6 +19,7 @@ from typing import Any
 from milton.core.artifacts import ArtifactStore, known_kinds
 from milton.core.config import Settings
 from milton.core.store import connect_readonly
+from milton.core.serve_state import read_serve_state
 from milton.core.timeutil import iso, parse_timestamp, utcnow
 
 #: The metric that says most about a job's run, first match wins.
@@ -237,6 +238,7 @@ def gather_status(settings: Settings, *, now: datetime | None = None,
         "artifacts": _artifacts(settings),
         "memory": memory,
         "backups": _backups(settings, now),
+        "serve": read_serve_state(settings.paths.data_dir),
     }
     report["attention"] = [asdict(a) for a in attention(report, settings)]
     return report
@@ -264,6 +266,10 @@ def attention(report: dict[str, Any], settings: Settings) -> list[Attention]:
         items.append(Attention(
             "critical", f"disk nearly full at {disk['path']}: {disk['free_bytes'] / GIB:.1f} GiB "
             f"free ({disk['free_percent']:.1f}%)", "failure"))
+    serve = report.get("serve")
+    if serve and serve.get("running") and serve.get("chat") == "degraded":
+        items.append(Attention("critical", f"serve runs degraded: {serve.get('chat_error')}",
+                               "failure"))
     if report["store"].get("error"):
         items.append(Attention("critical", f"store {report['store']['path']} "
                                f"{report['store']['error']}", "failure"))

@@ -78,6 +78,14 @@ def render(report: dict[str, Any]) -> Group:
                   f"({disk['free_percent']:.1f}%) at {disk['path']}")
     facts.add_row("newest backup", f"{backups['newest']} ({age(backups['newest_created'], now)}, "
                   f"{backups['count']} kept)" if backups["count"] else "none")
+    serve = report.get("serve")
+    if serve and serve.get("running"):
+        chat = serve.get("chat") or "-"
+        if chat == "degraded":
+            chat += f": {serve.get('chat_error')}"
+        facts.add_row("serve", Text(f"running (pid {serve.get('pid')}), chat {chat}"))
+    else:
+        facts.add_row("serve", "not running")
     parts.append(facts)
     return Group(*parts)
 

@@ -23,6 +23,7 @@ from milton.core.artifacts import ArtifactStore
 from milton.core.config import Settings
 from milton.core.errors import MiltonError
 from milton.core.log import get_logger, log_event
+from milton.core.serve_state import write_serve_state
 from milton.core.store import open_store
 from milton.core.timeutil import iso, utcnow
 from milton.serve.hot import HotModel
@@ -122,6 +123,7 @@ class LanguageModel:
         self.watcher: Any = None
         self.base_watcher: Any = None  # evolved bases (checkpoints/base), llama.cpp engine only
         self.error: str | None = None
+        self.smoke: dict[str, Any] | None = None  # the child-process generation check, if run
         self._closed = threading.Event()
         self.settled = threading.Event()  # loaded, failed, or not wanted
 
@@ -131,6 +133,37 @@ class LanguageModel:
         finally:
             self.settled.set()
 
+    @property
+    def status(self) -> str:
+        """off, loading, ok or degraded (wanted but not serving: :attr:`error` says why)."""
+        if not self.enabled:
+            return "off"
+        if self.error:
+            return "degraded"
+        return "ok" if self.engine is not None else "loading"
+
+    def _fail(self, api: Any, error: str) -> None:
+        self.error = error
+        api.set_unavailable(f"the language model is not available: {error}")
+        log_event(logger, "language model not loaded", level=logging.ERROR, error=error)
+
+    def _smoke_check(self) -> str | None:
+        """Generate from the llama.cpp base in a child process first (serve.smoke_check): a
+        build that crashes this CPU kills the child, not serve. The reason, or None if fine."""
+        from milton.models.smoke import failure_line, run_smoke
+        from milton.serve.llm import resolve_serve_base, serve_backend
+
+        ref = resolve_serve_base(self.settings)
+        if serve_backend(self.settings, ref) != "llama":
+            return None
+        gpu_layers = 0 if self.settings.model.device == "cpu" else -1
+        result = run_smoke(ref.path, gpu_layers=gpu_layers, threads=self.settings.serve.n_threads)
+        self.smoke = {"ok": result.ok, "signal": result.signal, "seconds": result.seconds,
+                      "error": result.error}
+        log_event(logger, "generation smoke test", model=str(ref.path), ok=result.ok,
+                  seconds=result.seconds, signal=result.signal)
+        return None if result.ok else failure_line(result)
+
     def _open(self, api: Any) -> None:
         if not self.enabled:
             return
@@ -138,10 +171,13 @@ class LanguageModel:
 
         t0 = time.perf_counter()
         try:
+            reason = self._smoke_check() if self.settings.serve.smoke_check else None
+            if reason:
+                self._fail(api, f"chat disabled: {reason}")
+                return
             engine, watcher = open_engine(self.settings)
         except Exception as exc:  # noqa: BLE001 - serve the rest; say why in telemetry
-            self.error = str(exc) if isinstance(exc, MiltonError) else f"{type(exc).__name__}: {exc}"
-            log_event(logger, "language model not loaded", level=logging.ERROR, error=self.error)
+            self._fail(api, str(exc) if isinstance(exc, MiltonError) else f"{type(exc).__name__}: {exc}")
             return
         if self._closed.is_set():  # shut down while loading
             engine.close()
@@ -168,7 +204,8 @@ class LanguageModel:
             self.engine.close()
 
     def telemetry(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "load_error": self.error,
+        return {"enabled": self.enabled, "status": self.status, "load_error": self.error,
+                "smoke_check": self.smoke,
                 "adapter_watcher": None if self.watcher is None else {
                     "reloads": self.watcher.reloads, "failures": self.watcher.failures,
                     "fallbacks": self.watcher.fallbacks, "last_reload": self.watcher.last_reload,
@@ -229,6 +266,24 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
 
     llm = LanguageModel(settings, enabled=engine is None and background and settings.serve.chat_enabled)
 
+    def health() -> dict[str, Any]:
+        """ok, or degraded with the reasons: a part that should serve and does not."""
+        reasons = []
+        if llm.status == "degraded":
+            reasons.append(llm.error)
+        return {"status": "degraded" if reasons else "ok", "reasons": reasons}
+
+    def publish_state(status: str) -> None:
+        """data/serve.json for `milton status` / `milton doctor` (never fails serve)."""
+        state = health()
+        try:
+            write_serve_state(settings.paths.data_dir, {
+                "status": status, "started": started, "version": __version__,
+                "health": state["status"], "reasons": state["reasons"],
+                "chat": llm.status, "chat_error": llm.error, "updated": iso(utcnow())})
+        except OSError as exc:
+            log_event(logger, "cannot write serve state", level=logging.WARNING, error=str(exc))
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         open_store(settings.db_path, settings.store.busy_timeout_ms).close()  # migrate up front
@@ -238,8 +293,14 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
                 snapshots.start()
         else:
             hot.check()
+        publish_state("running")
+
+        def open_llm() -> None:
+            llm.open(app.state.openai)
+            publish_state("running")
+
         # The language model loads off the event loop; scoring works meanwhile, /v1 says 503.
-        loading = asyncio.create_task(asyncio.to_thread(llm.open, app.state.openai))
+        loading = asyncio.create_task(asyncio.to_thread(open_llm))
         log_event(logger, "serve started", version=__version__,
                   model=(hot.get().version if hot.get() else None))
         yield
@@ -247,6 +308,7 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
         llm.close(app.state.openai)
         snapshots.stop()
         hot.stop()
+        publish_state("stopped")
         log_event(logger, "serve stopped")
 
     app = FastAPI(title="Milton", version=__version__, lifespan=lifespan)
@@ -263,8 +325,8 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         loaded = hot.get()
-        return {"status": "ok", "version": __version__,
-                "anomaly_model": loaded.version if loaded else None}
+        return {**health(), "version": __version__,
+                "anomaly_model": loaded.version if loaded else None, "chat": llm.status}
 
     @app.post("/anomaly/score")
     async def score(request: Request) -> Any:
@@ -326,6 +388,7 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
             run["metrics"] = json.loads(run["metrics"]) if run["metrics"] else None
         return {
             "started": started,
+            **health(),
             "anomaly": {
                 "current_version": loaded.version if loaded else None,
                 "loaded_at": loaded.loaded_at if loaded else None,

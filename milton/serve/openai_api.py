@@ -142,6 +142,7 @@ class OpenAIService:
         self.settings = settings
         self.serve = settings.serve
         self._engine = engine
+        self._unavailable: str | None = None
         self.background = background
         self.metrics = ApiMetrics(registry)
         self.gate = EngineGate(self.serve.max_queue)
@@ -172,6 +173,12 @@ class OpenAIService:
     def set_engine(self, engine: ChatEngine | None) -> None:
         """Install (or remove) the engine; requests before this get 503."""
         self._engine = engine
+        if engine is not None:
+            self._unavailable = None
+
+    def set_unavailable(self, reason: str | None) -> None:
+        """No engine will come (it failed its smoke test or to load): 503 with ``reason``."""
+        self._unavailable = reason
 
     def model_id(self) -> str:
         if self.serve.model_name:
@@ -462,6 +469,9 @@ class OpenAIService:
         if self.closing:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down",
                            headers={"Retry-After": "5"})
+        if engine is None and self._unavailable:
+            raise ApiError(503, self._unavailable, "server_error", code="model_unavailable",
+                           headers={"Retry-After": "300"})
         if engine is None:
             raise ApiError(503, "the language model is not loaded yet", "server_error",
                            code="model_not_loaded", headers={"Retry-After": "10"})
@@ -781,6 +791,7 @@ class OpenAIService:
             except Exception as exc:  # noqa: BLE001
                 info = {"error": f"{type(exc).__name__}: {exc}"}
         return {"model": self.model_id(), "engine_loaded": engine is not None, "engine": info,
+                "unavailable": self._unavailable,
                 "max_queue": self.serve.max_queue, "rejected_queue_full": self.gate.rejected,
                 **self.metrics.snapshot()}
 

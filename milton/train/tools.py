@@ -84,6 +84,11 @@ def fetch_tools(dest: Path | None = None) -> Path:
     marker = dest / "VERSION"
     if marker.is_file() and f"-{version}." in marker.read_text():
         return dest
+    from milton.models.smoke import build_record
+
+    kept = Path(build_record().get("sdist") or "/nonexistent")
+    if kept.is_file() and kept.name == f"llama_cpp_python-{version}.tar.gz":
+        return extract_tools(kept, dest)  # the sdist the wheel was built from
     with tempfile.TemporaryDirectory() as work:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", work]

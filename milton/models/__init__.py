@@ -1,0 +1,1 @@
+"""Model references, layouts and checks shared by every pillar (serve, train, evolve, memory)."""

@@ -1,0 +1,254 @@
+"""Runs on every machine it installs on: the generation smoke test, doctor, and containment.
+
+The packaged Gemma generates in a child process on *this* machine (never skipped: a build that
+crashes this CPU fails here with the child's signal). A child that dies is reported with its
+signal, CPU and build; serve whose model crashes keeps scoring, says "degraded" and why, and a
+crash in the middle of a request leaves the store and the logged exchanges intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from milton.anomaly.simulate import Workstation
+from milton.anomaly.train import train_anomaly
+from milton.core.config import load_settings
+from milton.core.jobs import run_job
+from milton.core.store import open_store
+from milton.ingest.processes import COLUMNS, ingest_snapshot
+from milton.models.smoke import EXPECT, failure_line, run_smoke
+from milton.serve.process import live_server
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 3, 2, tzinfo=timezone.utc).timestamp()
+
+# Loaded by every Python started with this directory on PYTHONPATH: the smoke child (the only
+# one started with --child) dies with a real SIGSEGV, as a build executing AMX on a CPU that
+# refuses it does.
+CRASHING_CHILD = """
+import sys
+if "--child" in sys.argv:
+    import ctypes
+    ctypes.string_at(0)
+"""
+
+
+@pytest.fixture
+def crash_env(tmp_path: Path) -> dict[str, str]:
+    site = tmp_path / "crash-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CRASHING_CHILD)
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_the_packaged_model_generates_here_in_a_child_process():
+    """Always runs: the install's own check, on this CPU with this build."""
+    from milton.train.model import embedded_gguf
+
+    result = run_smoke(embedded_gguf(), expect=EXPECT)
+    assert result.ok, failure_line(result)
+    assert EXPECT in result.text.lower()
+    assert "AMX" not in [k for k, v in _features(result.system_info).items() if v]
+
+
+def _features(info: str) -> dict[str, bool]:
+    from milton.doctor import llama_features
+
+    return llama_features(info)
+
+
+def test_a_child_that_crashes_is_reported_with_its_signal_cpu_and_build(tiny_gguf, crash_env):
+    result = run_smoke(tiny_gguf, env={**os.environ, **crash_env})
+    assert not result.ok and result.signal == "SIGSEGV"
+    line = failure_line(result)
+    assert "\n" not in line
+    assert "died with SIGSEGV" in line and "CPU:" in line and "llama.cpp:" in line
+    assert "make install" in line
+
+
+def test_wrong_output_fails_the_check(tiny_gguf):
+    result = run_smoke(tiny_gguf, expect="zanzibar")  # what no model answers here
+    assert not result.ok and result.signal is None
+    assert "not 'zanzibar'" in result.error
+
+
+def test_install_check_passes_on_the_packaged_model():
+    proc = subprocess.run([sys.executable, "-m", "milton.models.smoke", "--install"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "smoke test: the packaged model completed" in proc.stdout
+
+
+def test_install_check_fails_in_one_line_when_the_child_crashes(crash_env):
+    proc = subprocess.run([sys.executable, "-m", "milton.models.smoke", "--install"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, **crash_env})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("milton: error: generation smoke test failed")
+    assert "SIGSEGV" in lines[0]
+
+
+def test_doctor_reports_every_check_and_exits_0(cli, milton_home):
+    code, out, err = cli("doctor", "--json", timeout=300)
+    assert code == 0, out + err
+    report = json.loads(out)
+    names = [c["name"] for c in report["checks"]]
+    assert names == ["python", "libraries", "llama.cpp build", "model.base", "generation",
+                     "embedding model", "llama.cpp converters", "systemd-analyze", "store",
+                     "disk and memory", "GPU", "serve"]
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert by_name["generation"]["status"] == "ok" and "Paris" in by_name["generation"]["detail"]
+    assert "AMX off" in by_name["llama.cpp build"]["detail"]
+    assert report["ok"] is True
+
+    code, out, _ = cli("doctor", timeout=300)  # the table
+    assert code == 0 and "generation" in out and "No failures." in out
+
+
+def test_doctor_fails_on_a_corrupt_store_and_a_crashing_model(cli, milton_home, crash_env):
+    data = milton_home / "data"
+    data.mkdir()
+    (data / "milton.db").write_bytes(b"SQLite format 3\x00" + b"\x07" * 8192)
+    code, out, _ = cli("doctor", "--json", env=crash_env, timeout=300)
+    assert code == 1
+    by_name = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert by_name["store"]["status"] == "failed" and by_name["store"]["fix"]
+    assert by_name["generation"]["status"] == "failed"
+    assert "SIGSEGV" in by_name["generation"]["detail"]
+
+
+# -- containment in serve -------------------------------------------------------------------------
+def _trained_home(home: Path, tiny_gguf: Path) -> None:
+    settings = load_settings(environ={"MILTON_HOME": str(home)}).settings
+    db = open_store(settings.db_path)
+    ws = Workstation(seed=3)
+    for k in range(2 * 48):
+        ingest_snapshot(db, ws.snapshot(T0 + k * 1800.0))
+    db.close()
+    now = datetime.fromtimestamp(T0 + 2 * 86400, timezone.utc)
+    assert run_job("train-anomaly", train_anomaly, settings, now=now).status == "ok"
+    (home / "config.toml").write_text(
+        f'[model]\nbase = "{tiny_gguf}"\n\n[serve]\nn_ctx = 256\nn_threads = 1\n'
+        'snapshot_interval_s = 0.5\n')
+
+
+def _wait_settled(base: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{base}/healthz", timeout=5).json()
+        if health["chat"] != "loading":
+            return health
+        time.sleep(0.1)
+    raise AssertionError("the language model never settled")
+
+
+def test_serve_keeps_scoring_when_the_model_crashes_its_smoke_test(tmp_path, tiny_gguf, crash_env, cli):
+    home = tmp_path / "serve-home"
+    home.mkdir()
+    _trained_home(home, tiny_gguf)
+    rows = [dict(zip(COLUMNS, r)) for r in Workstation(seed=3).snapshot(T0 + 3 * 86400)]
+    with live_server(home, crash_env) as srv:
+        health = _wait_settled(srv.base)
+        assert health["status"] == "degraded" and health["chat"] == "degraded"
+        assert "SIGSEGV" in health["reasons"][0]
+
+        client = openai.OpenAI(base_url=f"{srv.base}/v1", api_key="none", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=client.models.list().data[0].id,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503
+        assert "SIGSEGV" in caught.value.message and "chat disabled" in caught.value.message
+
+        scored = httpx.post(f"{srv.base}/anomaly/score", json={"rows": rows}, timeout=30)
+        assert scored.status_code == 200 and len(scored.json()["results"]) == len(rows)
+        telemetry = httpx.get(f"{srv.base}/ml/telemetry", timeout=10).json()
+        assert telemetry["status"] == "degraded"
+        assert telemetry["language_model"]["smoke_check"]["signal"] == "SIGSEGV"
+        deadline = time.monotonic() + 30  # live snapshots keep running
+        while telemetry["live_snapshots"]["runs"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            telemetry = httpx.get(f"{srv.base}/ml/telemetry", timeout=10).json()
+        assert telemetry["live_snapshots"]["runs"] >= 1
+        assert srv.proc.poll() is None
+
+        code, out, err = cli("status", "--json", env={"MILTON_HOME": str(home)})
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["serve"]["running"] and report["serve"]["chat"] == "degraded"
+        assert any("serve runs degraded" in a["message"] and "SIGSEGV" in a["message"]
+                   for a in report["attention"])
+    assert json.loads((home / "data" / "serve.json").read_text())["status"] == "stopped"
+
+
+def test_a_crash_mid_request_leaves_store_and_logged_exchanges_intact(tmp_path, tiny_gguf):
+    home = tmp_path / "serve-home"
+    home.mkdir()
+    _trained_home(home, tiny_gguf)
+    with live_server(home) as srv:
+        assert _wait_settled(srv.base)["status"] == "ok"
+        client = openai.OpenAI(base_url=f"{srv.base}/v1", api_key="none", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        for k in range(3):
+            reply = client.chat.completions.create(
+                model=model, max_tokens=8, temperature=0, user="alice",
+                messages=[{"role": "user", "content": f"Question number {k}?"}])
+            assert reply.choices[0].finish_reason in ("stop", "length")
+        db_path = home / "data" / "milton.db"
+        deadline = time.monotonic() + 30  # the session log is written off the request path
+        while time.monotonic() < deadline and _count(db_path, "messages") < 6:
+            time.sleep(0.1)
+        logged = _rows(db_path)
+        assert len(logged) == 6
+        # A native crash while a long answer streams: serve dies with SIGSEGV, as it would.
+        stream = client.chat.completions.create(
+            model=model, max_tokens=200, temperature=0, stream=True, user="alice",
+            messages=[{"role": "user", "content": "Tell me a long story."}])
+        next(iter(stream))
+        os.kill(srv.proc.pid, signal.SIGSEGV)
+        srv.proc.wait(30)
+        assert srv.proc.returncode == -signal.SIGSEGV
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    after = _rows(db_path)
+    assert after[:6] == logged  # what was logged before the crash is there, unchanged
+    assert all("long story" in text or role == "assistant" for role, text in after[6:])
+    with live_server(home) as srv:  # restarted (systemd's Restart=), it serves again
+        assert _wait_settled(srv.base)["status"] == "ok"
+        client = openai.OpenAI(base_url=f"{srv.base}/v1", api_key="none", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=4,
+                                               messages=[{"role": "user", "content": "again"}])
+        assert reply.choices[0].message.content is not None
+
+
+def _count(db_path: Path, table: str) -> int:
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(f"select count(*) from {table}").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def _rows(db_path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute("select role, content from messages order by id").fetchall()
+    finally:
+        conn.close()
