@@ -252,3 +252,58 @@ def _rows(db_path: Path) -> list[tuple[str, str]]:
         return conn.execute("select role, content from messages order by id").fetchall()
     finally:
         conn.close()
+
+
+# -- the build itself -------------------------------------------------------------------------------
+def _llama_wheel():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llama_wheel", REPO / "scripts" / "llama_wheel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SAPPHIRE_RAPIDS = {"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq",
+                   "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8",
+                   "amx_bf16"}
+
+
+def test_every_tier_is_portable_and_never_builds_amx():
+    lw = _llama_wheel()
+    assert lw.resolve_tier("auto", SAPPHIRE_RAPIDS, "x86_64") == "avx512"
+    assert lw.resolve_tier("auto", {"avx", "avx2", "fma", "f16c", "bmi2"}, "x86_64") == "avx2"
+    assert lw.resolve_tier("auto", {"sse4_2"}, "x86_64") == "sse42"
+    assert lw.resolve_tier("auto", set(), "aarch64") == "generic"
+    for tier in lw.TIERS[1:]:
+        args = lw.cmake_args(tier, SAPPHIRE_RAPIDS)
+        assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(args)
+        assert not [a for a in args if a.startswith("-DGGML_AMX") and a.endswith("=ON")]
+        if tier != "native":
+            assert "-DGGML_NATIVE=OFF" in args
+    # AVX-512 extensions only where the CPU has them
+    assert "-DGGML_AVX512_BF16=ON" not in lw.cmake_args("avx512", SAPPHIRE_RAPIDS - {"avx512_bf16"})
+
+
+def test_a_wheel_built_with_other_flags_is_never_reused():
+    lw = _llama_wheel()
+    avx2 = lw.cmake_args("avx2", SAPPHIRE_RAPIDS)
+    avx512 = lw.cmake_args("avx512", SAPPHIRE_RAPIDS)
+    native = lw.cmake_args("native", SAPPHIRE_RAPIDS)
+    keys = {lw.build_key("0.3.36", args, "cp311-linux-x86_64") for args in (avx2, avx512, native)}
+    assert len(keys) == 3
+    assert lw.build_key("0.3.36", avx2, "cp311-linux-x86_64") != lw.build_key("0.3.37", avx2, "cp311-linux-x86_64")
+
+
+def test_the_installed_llama_cpp_is_the_portable_build():
+    """`make install` built it (record in the venv) without -march=native and without AMX."""
+    from milton.models.smoke import build_record, system_info
+
+    record = build_record()
+    assert record, "llama-cpp-python was not installed by `make install` (scripts/llama_wheel.py)"
+    assert "-DGGML_NATIVE=OFF" in record["cmake_args"]
+    from importlib.metadata import version
+
+    assert record["version"] == version("llama-cpp-python")
+    features = _features(system_info())
+    assert not [name for name, on in features.items() if name.startswith("AMX") and on]
