@@ -21,23 +21,26 @@ $(STAMP): pyproject.toml scripts/llama_wheel.py
 	$(BIN)/python -m milton.models.smoke --install
 	touch $(STAMP)
 
+## Installs, and re-checks the llama.cpp build on every call (under a second when it is the one
+## recorded; a changed MILTON_LLAMA_CPU or a removed .venv/llama-build.json rebuilds and re-tests).
 install: $(STAMP)
+	@$(PYTHON) scripts/llama_wheel.py $(BIN)/python --smoke
 
 ## Main job on the embedded defaults: take a snapshot, train, then serve on 127.0.0.1:8000.
-run: $(STAMP)
+run: install
 	$(BIN)/milton ingest processes
 	$(BIN)/milton train-anomaly
 	exec $(BIN)/milton serve
 
 ## The whole suite (systemd's own tools verify the units, so make sure they exist).
-test: $(STAMP) systemd-tools
+test: install systemd-tools
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/python -m benchmarks
 
 ## Regenerate docs/cli.md and config.toml from the code (a test fails when they drift).
-docs: $(STAMP)
+docs: install
 	$(BIN)/python -c "from milton.ops.docs import *; \
 	  open('docs/cli.md', 'w').write(render_cli_reference()); \
 	  open('config.toml', 'w').write(render_default_config())"

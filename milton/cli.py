@@ -211,11 +211,13 @@ def doctor_cmd(as_json: JsonOpt = False) -> None:
     with err.status("checking ...") as spinner:
         checks = run_checks(settings, progress=lambda name: spinner.update(f"checking {name} ..."))
     table = Table(title="milton doctor", title_justify="left")
-    for col in ("check", "", "detail", "fix"):
+    fixes = any(c.fix for c in checks)  # no empty column on a healthy machine
+    for col in ("check", "", "detail", "fix") if fixes else ("check", "", "detail"):
         table.add_column(col, overflow="fold")
     style = {"ok": "green", "warning": "yellow", FAILED: "bold red"}
     for c in checks:
-        table.add_row(c.name, Text(c.status, style=style[c.status]), Text(c.detail), Text(c.fix))
+        cells = [c.name, Text(c.status, style=style[c.status]), Text(c.detail)]
+        table.add_row(*cells, *([Text(c.fix)] if fixes else []))
     out.print(table)
     failed = [c.name for c in checks if c.status == FAILED]
     out.print(Text(f"{len(failed)} failed: {', '.join(failed)}" if failed else

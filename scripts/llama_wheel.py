@@ -15,6 +15,9 @@ The tier (``MILTON_LLAMA_CPU``, default ``auto``):
 - ``native``: llama.cpp's own default, only for comparison (AMX still off);
 - ``auto``:   the highest of avx512 / avx2 / sse42 this CPU supports.
 
+A tier once chosen is recorded and kept by later runs until ``<venv>/llama-build.json`` is
+removed (then ``auto`` again, or ``MILTON_LLAMA_CPU``).
+
 pip's wheel cache does not key on ``CMAKE_ARGS``, so the build never goes through it
 (``--no-cache-dir``). Built wheels are kept in Milton's own cache, keyed on the version, the
 flags and the interpreter, so a second checkout reuses a wheel built with the *same* flags and
@@ -22,7 +25,7 @@ never one built with others. ``<venv>/llama-build.json`` records what is install
 and the smoke test read it.
 
 Standard library only: this runs before anything else is installed.
-Usage: python scripts/llama_wheel.py VENV_PYTHON [--tier T] [--print-args]
+Usage: python scripts/llama_wheel.py VENV_PYTHON [--tier T] [--smoke] [--print-args]
 """
 
 from __future__ import annotations
@@ -186,14 +189,18 @@ def write_record(python: str, record: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("python", help="the virtualenv's python")
-    parser.add_argument("--tier", default=os.environ.get("MILTON_LLAMA_CPU", "auto"),
-                        choices=TIERS)
+    parser.add_argument("--tier", default=os.environ.get("MILTON_LLAMA_CPU") or None,
+                        choices=TIERS, help="default: the tier installed before, else auto")
     parser.add_argument("--print-args", action="store_true",
                         help="print the CMAKE_ARGS for this machine and exit")
+    parser.add_argument("--smoke", action="store_true",
+                        help="after installing a different build, run the generation smoke test")
     opts = parser.parse_args(argv)
 
     flags = cpu_flags()
-    tier = resolve_tier(opts.tier, flags, platform.machine().lower())
+    record = installed_record(opts.python) if not opts.print_args else {}
+    # A tier chosen once (MILTON_LLAMA_CPU=avx2 make install) sticks until the record goes.
+    tier = resolve_tier(opts.tier or record.get("tier") or "auto", flags, platform.machine().lower())
     args = cmake_args(tier, flags)
     if opts.print_args:
         print(" ".join(args))
@@ -201,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     version = pinned_version()
     tag = python_tag(opts.python)
     key = build_key(version, args, tag)
-    record = installed_record(opts.python)
     if record.get("key") == key and installed_version(opts.python) == version:
         return 0  # this venv already has exactly this build
 
@@ -218,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                                "cmake_args": args, "key": key, "wheel": str(wheel),
                                "sdist": str(sdist), "python_tag": tag})
     print(f"{PACKAGE} {version}: {tier} build ({' '.join(args)})", flush=True)
+    if opts.smoke:  # the new build must generate on this CPU, or the install fails here
+        return subprocess.run([opts.python, "-m", "milton.models.smoke", "--install"],
+                              cwd=ROOT).returncode
     return 0
 
 
