@@ -49,7 +49,7 @@ def _latest_rows(settings: Settings, now: datetime) -> list[tuple]:
 
 def file_rows(path: str, max_line_bytes: int) -> list[tuple]:
     from milton.ingest.processes import parse_records
-    from milton.ingest.reader import open_source
+    from milton.core.inputs import open_source
 
     handle, source, close = open_source(path)
     try:

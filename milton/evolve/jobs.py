@@ -19,9 +19,10 @@ from typing import Any
 
 import sqlite_utils
 
-from milton.core.artifacts import ArtifactStore, atomic_write_bytes, atomic_write_json
+from milton.core.artifacts import ArtifactStore
+from milton.core.fsio import atomic_write_bytes, atomic_write_json
 from milton.core.config import Settings
-from milton.core.jobs import JobContext, Skip
+from milton.core.jobs import JobContext, Skip, finish_run, unfinished_run, work_dir
 from milton.core.timeutil import iso, utcnow
 from milton.evolve.merge import Source
 from milton.train.model import EVOLVED_GGUF, EVOLVED_HF, EVOLVED_KIND, BaseModelRef
@@ -38,29 +39,13 @@ def base_store(settings: Settings) -> ArtifactStore:
 
 
 def run_dir(settings: Settings, run_id: int) -> Path:
-    return settings.paths.data_dir / "evolve" / f"run-{run_id:06d}"
-
-
-# -- runs ---------------------------------------------------------------------------------------
-def _open_run(db: sqlite_utils.Database, source: Source) -> int | None:
-    """The unfinished run to resume; one started from another base or adapter is given up."""
-    row = db.execute("select id, source_sha256, adapter_version from evolve_runs "
-                     "where status = 'running' order by id desc limit 1").fetchone()
-    if row is None:
-        return None
-    if row[1] == source.base.sha256 and row[2] == source.adapter_version:
-        return int(row[0])
-    _finish(db, int(row[0]), "failed", reason="the serving model changed; not resumed")
-    return None
+    return work_dir(settings, "evolve", run_id)
 
 
 def _finish(db: sqlite_utils.Database, run_id: int, status: str, *, reason: str,
             metrics: dict[str, Any] | None = None, version: str | None = None) -> None:
-    with db.atomic():
-        db["evolve_runs"].update(run_id, {
-            "status": status, "finished": iso(utcnow()), "reason": reason,
-            "metrics": json.dumps(metrics or {}, default=str), "candidate_version": version,
-        })
+    finish_run(db, "evolve_runs", run_id, status, reason=reason,
+               metrics=json.dumps(metrics or {}, default=str), candidate_version=version)
 
 
 # -- stages -------------------------------------------------------------------------------------
@@ -299,7 +284,11 @@ def evolve_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, An
     types = check_types(settings)
     source = find_source(settings)
 
-    resumed = _open_run(db, source)
+    # An unfinished run resumes; one started from another base or adapter is given up.
+    resumed = unfinished_run(db, "evolve_runs", {"source_sha256": source.base.sha256,
+                                                 "adapter_version": source.adapter_version},
+                             reason="the serving model changed; not resumed",
+                             metrics=json.dumps({}), candidate_version=None)
     if resumed is None:
         _require_data(db, settings)
     run_id = resumed or int(db["evolve_runs"].insert({

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import sqlite_utils
 
 from milton.core.errors import InputError
-from milton.ingest.reader import open_source, read_lines
+from milton.core.inputs import open_source, read_lines
 
 COLUMNS = ("snapshot_id", "host", "ts", "pid", "ppid", "name", "exe", "username", "cpu", "rss",
            "create_time")

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import sqlite_utils
 
 from milton.core.errors import InputError
-from milton.ingest.reader import open_source, read_lines
+from milton.core.inputs import open_source, read_lines
 from milton.memory.sessions import ROLES, MessageIn, conversation_hash, insert_session, message_problem
 
 SUFFIXES = (".jsonl", ".ndjson", ".json")

@@ -49,15 +49,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from milton import __version__
-from milton.core.artifacts import (
-    ArtifactStore,
-    _fsync_dir,
-    atomic_write_json,
-    known_kinds,
-    sha256_file,
-)
+from milton.core.artifacts import ArtifactStore, known_kinds, sha256_file
 from milton.core.config import BackupConfig, Settings, default_config_path
 from milton.core.errors import ArtifactError, InputError, MiltonError
+from milton.core.fsio import atomic_write_json, fsync_dir, fsync_file
 from milton.core.timeutil import iso, utcnow
 
 FORMAT = 1
@@ -332,11 +327,6 @@ def _space_error(directory: Path, exc: BaseException, what: str) -> BackupError:
                        "no archive was written and earlier backups are untouched")
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
 class _Reader(io.RawIOBase):
     """Wraps a file for tarfile: counts bytes for progress."""
 
@@ -374,8 +364,7 @@ def _db_facts(path: Path) -> tuple[str, int, list[str], dict[str, int]]:
 
 
 def _known_schema() -> int:
-    import milton.core.migrations  # noqa: F401  (registers the built-in migrations)
-    from milton.core.store import MIGRATIONS
+    from milton.core.migrations import MIGRATIONS
 
     return len(MIGRATIONS)
 
@@ -440,7 +429,7 @@ def create_backup(
                     dst.execute("pragma journal_mode = delete").fetchone()
                 finally:
                     dst.close()
-                _fsync_file(copy)
+                fsync_file(copy)
             except (sqlite3.Error, OSError) as exc:
                 if _disk_full(exc):
                     raise _space_error(directory, exc, "the copy of the store") from None
@@ -649,7 +638,7 @@ def _rename_in(staged: Path, directory: Path, now: datetime, label: str | None,
             if final.exists():
                 continue
             os.rename(staged, final)  # a filesystem without hard links
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return final
     raise BackupError(f"{directory}: too many backups named {archive_name(now, label, compression)}")
 
@@ -702,7 +691,7 @@ def prune_backups(settings: Settings, *, protect: set[str] | frozenset[str] = fr
         except OSError as exc:
             raise BackupError(f"{info.path}: cannot delete an old backup: {exc.strerror}") from None
     if removed:
-        _fsync_dir(settings.backup.dir)
+        fsync_dir(settings.backup.dir)
     return removed
 
 

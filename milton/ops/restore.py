@@ -21,17 +21,10 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from milton.core.artifacts import (
-    PINS,
-    ArtifactStore,
-    _fsync_dir,
-    atomic_write_bytes,
-    atomic_write_json,
-    known_kinds,
-    sha256_file,
-)
+from milton.core.artifacts import PINS, ArtifactStore, known_kinds, sha256_file
 from milton.core.config import Settings, default_config_path
 from milton.core.errors import ArtifactError, ConfigError
+from milton.core.fsio import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_file
 from milton.core.timeutil import iso, utcnow
 from milton.ops.backup import (
     CONFIG_MEMBER,
@@ -41,7 +34,6 @@ from milton.ops.backup import (
     ArchiveError,
     BackupError,
     Progress,
-    _fsync_file,
     _known_schema,
     _staging,
     _why,
@@ -219,7 +211,7 @@ def _prepare_restored_db(path: Path, archive: str, manifest: dict[str, Any],
                      socket.gethostname(), os.getpid(), iso(started)))
     finally:
         conn.close()
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _swap_db(settings: Settings, staged: Path) -> None:
@@ -241,7 +233,7 @@ def _swap_db(settings: Settings, staged: Path) -> None:
     for suffix in ("-wal", "-shm", "-journal"):
         Path(f"{live}{suffix}").unlink(missing_ok=True)
     os.replace(staged, live)
-    _fsync_dir(live.parent)
+    fsync_dir(live.parent)
 
 
 def _same_version(local: Path, files: dict[str, Any], prefix: str) -> bool:
@@ -274,14 +266,14 @@ def _restore_artifacts(settings: Settings, manifest: dict[str, Any], stage: Path
                 continue
             staged = stage / kind / version
             for sub in sorted((p for p in staged.rglob("*") if p.is_dir()), reverse=True):
-                _fsync_dir(sub)
-            _fsync_dir(staged)
+                fsync_dir(sub)
+            fsync_dir(staged)
             aside = None
             if local.exists():  # a different version under the same name: replaced
                 aside = store.dir / f".tmp-del-{version}-{uuid.uuid4().hex}"
                 os.rename(local, aside)
             os.rename(staged, local)
-            _fsync_dir(store.dir)
+            fsync_dir(store.dir)
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
             placed.append(version)

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from milton.core.artifacts import atomic_write_json
+from milton.core.fsio import atomic_write_json
 from milton.core.config import Settings
 from milton.core.errors import EXIT_BUSY, InputError, MiltonError
 from milton.core.log import get_logger, log_event

@@ -17,9 +17,10 @@ from typing import Any
 
 import sqlite_utils
 
-from milton.core.artifacts import ArtifactStore, atomic_write_json
+from milton.core.artifacts import ArtifactStore
+from milton.core.fsio import atomic_write_json
 from milton.core.config import Settings
-from milton.core.jobs import JobContext
+from milton.core.jobs import JobContext, finish_run, unfinished_run, work_dir
 from milton.core.timeutil import iso, utcnow
 
 KIND = "adapter"
@@ -34,21 +35,7 @@ def adapter_store(settings: Settings) -> ArtifactStore:
 
 
 def run_dir(settings: Settings, run_id: int) -> Path:
-    return settings.paths.data_dir / "train" / f"run-{run_id:06d}"
-
-
-def _open_run(db: sqlite_utils.Database, base_sha256: str) -> int | None:
-    """The unfinished run to resume, if any; one whose base model changed is given up."""
-    row = db.execute("select id, base_sha256 from training_runs where status = 'running' "
-                     "order by id desc limit 1").fetchone()
-    if row is None:
-        return None
-    if row[1] == base_sha256:
-        return int(row[0])
-    with db.atomic():
-        db.execute("update training_runs set status = 'failed', finished = ?, reason = ? "
-                   "where id = ?", [iso(utcnow()), "base model changed; not resumed", row[0]])
-    return None
+    return work_dir(settings, "train", run_id)
 
 
 def _finish_run(db: sqlite_utils.Database, run_id: int, status: str, *, reason: str,
@@ -56,10 +43,8 @@ def _finish_run(db: sqlite_utils.Database, run_id: int, status: str, *, reason: 
     from milton.memory.store import bump
 
     with db.atomic():
-        db["training_runs"].update(run_id, {
-            "status": status, "finished": iso(utcnow()), "reason": reason,
-            "metrics": json.dumps(metrics, default=str), "candidate_version": version,
-        })
+        finish_run(db, "training_runs", run_id, status, reason=reason,
+                   metrics=json.dumps(metrics, default=str), candidate_version=version)
         if status == "promoted":
             bump(db, "fine_tunes")
 
@@ -90,7 +75,9 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
     tools_dir(settings)  # fail now, not after an hour of training
     ref = resolve_base(settings)
 
-    resumed = _open_run(db, ref.sha256)
+    # An unfinished run resumes; one whose base model changed is given up.
+    resumed = unfinished_run(db, "training_runs", {"base_sha256": ref.sha256},
+                             reason="base model changed; not resumed")
     with db.atomic():  # a Skip rolls the new run row and its items back
         run_id = resumed or db["training_runs"].insert({
             "job_run_id": ctx.run_id, "started": iso(utcnow()), "status": "running",

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from milton.core.artifacts import atomic_write_json, sha256_file
+from milton.core.artifacts import sha256_file
+from milton.core.fsio import atomic_write_json
 from milton.core.config import Settings
 from milton.core.errors import ConfigError
 
