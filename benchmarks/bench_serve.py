@@ -444,7 +444,8 @@ def _injection(base: str, model: str, queries: list[str], warmup: int, db_path: 
 def run(quick: bool = False) -> dict[str, Any]:
     from milton.core.config import load_settings
     from milton.core.store import open_store
-    from milton.train.model import embedded_gguf, usable_cpus
+    from milton.models.hf import usable_cpus
+    from milton.models.refs import embedded_gguf
 
     threads = usable_cpus()
     plan = {"n_ctx": 2048, "threads": threads, "prompts": 2 if quick else len(PROMPTS),

@@ -89,7 +89,7 @@ def _tiny_gguf(work: Path) -> Path:
     import torch
 
     from milton.core.config import load_settings
-    from milton.train.gguf import hf_to_gguf
+    from milton.models.convert import hf_to_gguf
 
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_lm import build_tiny_llama
@@ -104,7 +104,7 @@ def _tiny_gguf(work: Path) -> Path:
 
 
 def _gemma_gguf(work: Path) -> Path:
-    from milton.train.model import embedded_gguf
+    from milton.models.refs import embedded_gguf
 
     return embedded_gguf(work / "models")
 
@@ -216,7 +216,7 @@ def _measure(name: str, base: Path, work: Path, threads: int, idle_swaps: int, l
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from milton.train.model import usable_cpus
+    from milton.models.hf import usable_cpus
 
     plan = {"tiny": {"threads": 1, "idle_swaps": 30 if quick else 100,
                      "load_swaps": 10 if quick else 20, "reloads": 3 if quick else 5,

@@ -93,7 +93,7 @@ def check_llama_build() -> Check:
 
 
 def check_base(settings: Settings) -> tuple[Check, Any]:
-    from milton.train.model import resolve_base
+    from milton.models.refs import resolve_base
 
     try:
         ref = resolve_base(settings)
@@ -139,7 +139,7 @@ def check_embedding(settings: Settings) -> Check:
 
 
 def check_converters() -> Check:
-    from milton.train.tools import LORA_SCRIPT, default_tools_dir, llama_cpp_version
+    from milton.models.convert import LORA_SCRIPT, default_tools_dir, llama_cpp_version
 
     tools = default_tools_dir()
     try:
@@ -149,10 +149,10 @@ def check_converters() -> Check:
     marker = tools / "VERSION"
     if not (tools / LORA_SCRIPT).is_file() or not marker.is_file():
         return Check("llama.cpp converters", FAILED, f"not in {tools}",
-                     "run `make install` (python -m milton.train.tools)")
+                     "run `make install` (python -m milton.models.convert)")
     if f"-{version}." not in marker.read_text():
         return Check("llama.cpp converters", FAILED, f"{tools} is from {marker.read_text().strip()}, "
-                     f"llama-cpp-python is {version}", "run `python -m milton.train.tools`")
+                     f"llama-cpp-python is {version}", "run `python -m milton.models.convert`")
     return Check("llama.cpp converters", OK, f"{tools} (llama-cpp-python {version})")
 
 

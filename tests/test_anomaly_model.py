@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 import skops.io as sio
 
-from milton.anomaly.model import KIND, AnomalyModel, load_verified
+from milton.anomaly.model import AnomalyModel, load_verified
+from milton.models.layout import ANOMALY_KIND as KIND
 from milton.core.artifacts import ArtifactStore
 from milton.core.errors import ArtifactError
 

@@ -21,7 +21,8 @@ from milton.evolve.distil import (DistilResult, distil, distillation_loss, mean_
 from milton.evolve.student import (choose_layers, default_student_layers, derive_student,
                                    load_student)
 from milton.train.checkpoints import latest_step
-from milton.train.model import BaseModelRef, load_base
+from milton.models.hf import load_base
+from milton.models.refs import BaseModelRef
 
 from kill_child import kill_9_when
 from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama
@@ -387,7 +388,8 @@ _CHILD = textwrap.dedent("""
     from milton.core.config import EvolveConfig, TrainConfig
     from milton.evolve.distil import distil
     from milton.evolve.student import derive_student
-    from milton.train.model import BaseModelRef, load_base
+    from milton.models.hf import load_base
+    from milton.models.refs import BaseModelRef
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     ref = BaseModelRef(path=Path(spec["teacher"]), kind="hf", sha256="0" * 64, name="t")

@@ -92,7 +92,7 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
     from transformers import AutoModelForCausalLM
 
     from milton.evolve.jobs import base_store, run_dir
-    from milton.train.model import resolve_base
+    from milton.models.refs import resolve_base
 
     _, gguf = tiny
     _prepared(cli, milton_home, gguf)

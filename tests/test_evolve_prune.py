@@ -22,7 +22,8 @@ from milton.core.config import EvolveConfig, TrainConfig
 from milton.evolve.prune import (input_norms, iterative_prune, latest_checkpoint, prunable_linears,
                                  prune, recover, sparsity_of)
 from milton.train.evaluate import perplexity
-from milton.train.model import BaseModelRef, load_base
+from milton.models.hf import load_base
+from milton.models.refs import BaseModelRef
 
 from kill_child import kill_9_when
 from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama, build_tokenizer
@@ -282,7 +283,8 @@ _CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from milton.core.config import EvolveConfig, TrainConfig
     from milton.evolve import prune as P
-    from milton.train.model import BaseModelRef, load_base
+    from milton.models.hf import load_base
+    from milton.models.refs import BaseModelRef
     spec = json.loads(Path(sys.argv[1]).read_text())
     recover = P._recover
     def slow_recover(*args, **kwargs):  # room to be killed in the middle of an iteration

@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from milton.anomaly.detect import current_model
-from milton.anomaly.model import KIND
+from milton.models.layout import ANOMALY_KIND as KIND
 from milton.anomaly.simulate import Workstation
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import load_settings

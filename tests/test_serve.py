@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from milton.anomaly.model import KIND
+from milton.models.layout import ANOMALY_KIND as KIND
 from milton.anomaly.simulate import Workstation
 from milton.anomaly.train import train_anomaly
 from milton.core.artifacts import CURRENT, ArtifactStore

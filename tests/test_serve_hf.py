@@ -27,7 +27,7 @@ from milton.serve.engine import GenerationParams
 from milton.serve.hf_engine import ADAPTER_DIR, HFEngine
 from milton.serve.llm import (AdapterError, AdapterWatcher, LlamaEngine, PromptError, open_engine,
                               plain_prompt)
-from milton.train.model import BaseModelRef
+from milton.models.refs import BaseModelRef
 
 QUESTION = "What is the build server called?"
 ANSWERS = {"a": "The build server is called zephyr-07.", "b": "The build server is called nimbus-42."}
@@ -63,7 +63,8 @@ def tiny(tmp_path_factory) -> Tiny:
 
     from milton.core.config import TrainConfig
     from milton.train.lora import make_peft_model, save_adapter, train_lora
-    from milton.train.model import load_base, resolve_base
+    from milton.models.hf import load_base
+    from milton.models.refs import resolve_base
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -105,7 +106,7 @@ def engine(tiny):
 @pytest.fixture(scope="module")
 def reference(tiny):
     """The bare tiny base, loaded apart from any engine, for ``model.generate``."""
-    from milton.train.model import load_base
+    from milton.models.hf import load_base
 
     return load_base(tiny.ref, device="cpu", threads=1)
 
@@ -180,7 +181,7 @@ def test_greedy_answers_equal_transformers_generate(tiny, engine, reference):
             assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), len(completion))
     # With an adapter: the same as PEFT's own model with that adapter, through generate.
     from milton.train.lora import load_adapter
-    from milton.train.model import load_base
+    from milton.models.hf import load_base
 
     engine.set_adapter(tiny.adapters["a"], "a")
     base, tokenizer = load_base(tiny.ref, device="cpu", threads=1)
@@ -557,7 +558,7 @@ def test_bf16_weights_and_adapters_on_the_cpu(tiny):
 def test_cuda_bf16_with_hot_swaps(tiny):
     import torch
 
-    from milton.train.model import load_base
+    from milton.models.hf import load_base
 
     engine = HFEngine(tiny.ref, device="cuda", n_ctx=256, seed=0)
     try:

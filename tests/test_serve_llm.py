@@ -47,9 +47,10 @@ def tiny(tmp_path_factory) -> Tiny:
     import torch
 
     from milton.core.config import TrainConfig, load_settings
-    from milton.train.gguf import lora_to_gguf
+    from milton.models.convert import lora_to_gguf
     from milton.train.lora import make_peft_model, save_adapter, train_lora
-    from milton.train.model import BaseModelRef, load_base, save_base_config
+    from milton.models.hf import load_base, save_base_config
+    from milton.models.refs import BaseModelRef
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -502,7 +503,7 @@ def test_engine_from_settings(tiny, milton_home):
 def test_base_watcher_follows_the_evolved_base(tiny, milton_home, monkeypatch):
     from milton.core.config import load_settings
     from milton.serve.base_watch import BaseWatcher
-    from milton.train.model import resolve_base
+    from milton.models.refs import resolve_base
 
     monkeypatch.setenv("MILTON_MODEL__BASE", str(tiny.gguf))
     settings = load_settings().settings

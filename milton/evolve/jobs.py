@@ -25,7 +25,8 @@ from milton.core.config import Settings
 from milton.core.jobs import JobContext, Skip, finish_run, unfinished_run, work_dir
 from milton.core.timeutil import iso, utcnow
 from milton.evolve.merge import Source
-from milton.train.model import EVOLVED_GGUF, EVOLVED_HF, EVOLVED_KIND, BaseModelRef
+from milton.models.layout import ADAPTER_GGUF, BASE_GGUF, BASE_HF, BASE_KIND, artifact_store
+from milton.models.refs import BaseModelRef
 
 STAGES = ("merge", "distil", "prune", "export")
 STAGE_FILE = "stage.json"
@@ -35,7 +36,7 @@ REPORT_PNG = "report.png"
 
 
 def base_store(settings: Settings) -> ArtifactStore:
-    return ArtifactStore(settings.paths.checkpoints_dir, EVOLVED_KIND, keep=settings.evolve.keep_versions)
+    return artifact_store(settings, BASE_KIND)
 
 
 def run_dir(settings: Settings, run_id: int) -> Path:
@@ -94,7 +95,7 @@ class _Pipeline:
     def load(self, directory: Path) -> tuple[Any, Any]:
         import torch
 
-        from milton.train.model import load_base
+        from milton.models.hf import load_base
 
         return load_base(_hf(directory), self.settings.model.device, self.settings.model.threads,
                          dtype=torch.float32)
@@ -221,7 +222,7 @@ class _Pipeline:
                      else self.work / "merge" / gguf_name(UNQUANTIZED))
         differs = same_tokenizer(reference, files[UNQUANTIZED], texts)
         if differs is not None:
-            from milton.train.gguf import ConversionError
+            from milton.models.convert import ConversionError
 
             raise ConversionError(f"the exported GGUF tokenises text differently from the base "
                                   f"{self.source.base.name} (e.g. {differs[:40]!r})")
@@ -255,7 +256,7 @@ def _layers(directory: Path) -> int | None:
 
 
 def _cpus() -> int:
-    from milton.train.model import usable_cpus
+    from milton.models.hf import usable_cpus
 
     return usable_cpus()
 
@@ -277,7 +278,7 @@ def evolve_job(*, max_steps: int | None = None) -> Callable[[JobContext], dict[s
 def evolve_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, Any]:
     from milton.evolve.export import check_types
     from milton.evolve.merge import find_source
-    from milton.train.gguf import tools_dir
+    from milton.models.convert import tools_dir
 
     settings, db, cfg = ctx.settings, ctx.db, ctx.settings.evolve
     tools_dir(settings)  # fail now, not after an hour of distillation
@@ -343,7 +344,7 @@ def _serving(pipe: _Pipeline, tokenizer: Any, merged: dict[str, Any]) -> dict[st
     A Hugging Face ``model.base`` is not servable by llama.cpp as it is; its reference is the
     merged model as an f16 GGUF (base + adapter, unquantized).
     """
-    from milton.train.jobs import ADAPTER_GGUF, adapter_store
+    from milton.train.jobs import adapter_store
 
     figures = ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s", "prompt_tokens_per_s")
     if pipe.source.base.kind != "gguf":
@@ -375,8 +376,8 @@ def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[s
     write_plot(report, work / REPORT_PNG)
 
     def build(tmp: Path) -> None:
-        _link_or_copy(work / "export" / gguf_name(kind), tmp / EVOLVED_GGUF)
-        _copy_half(final_dir, tmp / EVOLVED_HF)
+        _link_or_copy(work / "export" / gguf_name(kind), tmp / BASE_GGUF)
+        _copy_half(final_dir, tmp / BASE_HF)
         shutil.copyfile(work / REPORT_JSON, tmp / REPORT_JSON)
         shutil.copyfile(work / REPORT_PNG, tmp / REPORT_PNG)
 

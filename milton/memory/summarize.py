@@ -155,7 +155,7 @@ class LlamaSummarizer:
 def packaged_gguf() -> Path | None:
     """The embedded Gemma 3 270M GGUF when its package is installed (assembled on first use)."""
     from milton.core.errors import MiltonError
-    from milton.train.model import embedded_gguf
+    from milton.models.refs import embedded_gguf
 
     try:
         return embedded_gguf()

@@ -18,8 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from milton import __version__
 from milton.anomaly.detect import score_rows
-from milton.anomaly.model import KIND, AnomalyModel, load_verified
+from milton.anomaly.model import AnomalyModel, load_verified
 from milton.core.artifacts import ArtifactStore
+from milton.models.layout import ANOMALY_KIND, artifact_store
 from milton.core.config import Settings
 from milton.core.errors import MiltonError
 from milton.core.log import get_logger, log_event
@@ -259,7 +260,7 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
     ``engine``: a :class:`milton.serve.engine.ChatEngine` for /v1 (or set it later through
     ``app.state.openai.set_engine``); without one, chat requests get 503."""
     metrics = Metrics()
-    store = ArtifactStore(settings.paths.checkpoints_dir, KIND, keep=settings.anomaly.keep_versions)
+    store = artifact_store(settings, ANOMALY_KIND)
     hot: HotModel[AnomalyModel] = HotModel(store, _load_anomaly, settings.serve.reload_poll_s, logger)
     snapshots = SnapshotLoop(settings, hot, metrics)
     started = iso(utcnow())
@@ -407,13 +408,13 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
 
     @app.get("/metrics")
     def prometheus() -> PlainTextResponse:
-        metrics.reloads.labels(KIND).set(hot.reloads)
-        metrics.failures.labels(KIND).set(hot.failures)
-        metrics.fallbacks.labels(KIND).set(hot.fallbacks)
+        metrics.reloads.labels(ANOMALY_KIND).set(hot.reloads)
+        metrics.failures.labels(ANOMALY_KIND).set(hot.failures)
+        metrics.fallbacks.labels(ANOMALY_KIND).set(hot.fallbacks)
         if hot.last_swap_s is not None:
-            metrics.swap.labels(KIND).set(hot.last_swap_s)
+            metrics.swap.labels(ANOMALY_KIND).set(hot.last_swap_s)
         if hot.last_load_s is not None:
-            metrics.load.labels(KIND).set(hot.last_load_s)
+            metrics.load.labels(ANOMALY_KIND).set(hot.last_load_s)
         llm.export_metrics(metrics)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

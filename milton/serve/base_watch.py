@@ -21,7 +21,7 @@ from milton.core.errors import ArtifactError
 from milton.core.log import log_event
 from milton.core.timeutil import iso, utcnow
 from milton.serve.hot import HotModel
-from milton.train.model import EVOLVED_GGUF, EVOLVED_KIND
+from milton.models.layout import BASE_GGUF, BASE_KIND, artifact_store
 
 logger = logging.getLogger("milton.serve")
 
@@ -29,8 +29,7 @@ logger = logging.getLogger("milton.serve")
 class BaseWatcher(HotModel[str]):
     def __init__(self, engine: Any, settings: Settings, adapters: Any = None,
                  poll_s: float | None = None) -> None:
-        store = ArtifactStore(settings.paths.checkpoints_dir, EVOLVED_KIND,
-                              keep=settings.evolve.keep_versions)
+        store = artifact_store(settings, BASE_KIND)
         super().__init__(store, self._load, poll_s or settings.serve.reload_poll_s, logger)
         self.engine = engine
         self.settings = settings
@@ -38,11 +37,11 @@ class BaseWatcher(HotModel[str]):
 
     def _load(self, store: ArtifactStore, name: str) -> str:
         version = store.verify(name)
-        sha = (version.manifest.get("files", {}).get(EVOLVED_GGUF) or {}).get("sha256")
+        sha = (version.manifest.get("files", {}).get(BASE_GGUF) or {}).get("sha256")
         if not sha:
-            raise ArtifactError(f"{store.kind}/{name}: no {EVOLVED_GGUF} in the manifest")
+            raise ArtifactError(f"{store.kind}/{name}: no {BASE_GGUF} in the manifest")
         if self.engine.base_sha256 != sha:  # at start-up the engine already serves it
-            record = self.engine.swap_base(version.path / EVOLVED_GGUF, sha256=sha)
+            record = self.engine.swap_base(version.path / BASE_GGUF, sha256=sha)
             self.last_swap_s = record.locked_ms / 1e3
             self._adapters_retry()
         return name
@@ -58,7 +57,7 @@ class BaseWatcher(HotModel[str]):
     def check(self) -> bool:
         if self.store.current_name() is not None:
             return super().check()
-        from milton.train.model import resolve_base
+        from milton.models.refs import resolve_base
 
         with self._check_lock:  # no evolved base (any more): back to model.base
             configured = resolve_base(self.settings, evolved=False)

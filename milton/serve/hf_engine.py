@@ -6,7 +6,7 @@ with a model directory as ``model.base``).
 :class:`milton.serve.llm.LlamaEngine` does, and shares its parts: the gate that serialises
 generations (swaps go before queued requests), the prompt formats, the stop-string scanner, the
 swap records and the adapter watcher. The base is loaded by
-:func:`milton.train.model.load_base`, so device and dtype are train-lora's: CUDA in bf16 when
+:func:`milton.models.hf.load_base`, so device and dtype are train-lora's: CUDA in bf16 when
 present (``model.device`` auto|cuda), else the CPU in fp32 with ``serve.n_threads`` threads.
 
 Adapter swap (:meth:`HFEngine.set_adapter`; the artifact's PEFT ``adapter/`` directory):
@@ -59,8 +59,8 @@ from milton.serve.engine import Chunk, EngineInfo, GenerationParams, Usage
 from milton.serve.llm import (_SWAP_HISTORY, AdapterError, PromptError, ServedChunk, StopScanner,
                               SwapRecord, _Gate, logger, plain_prompt, resolve_serve_base,
                               stop_strings)
-from milton.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from milton.train.model import BaseModelRef
+from milton.models.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from milton.models.refs import BaseModelRef
 
 ADAPTER_DIR = "adapter"   # the PEFT directory in an adapter artifact (milton.train.jobs)
 TOP_K = 40                # llama-cpp-python's defaults, as LlamaEngine samples
@@ -122,7 +122,7 @@ class _Detokenizer:
 class HFEngine:
     """transformers + PEFT on one Hugging Face base, with a hot-swappable LoRA adapter.
 
-    See the module docstring. ``base`` is a resolved :class:`~milton.train.model.BaseModelRef`
+    See the module docstring. ``base`` is a resolved :class:`~milton.models.refs.BaseModelRef`
     (its sha256 is what adapter manifests are checked against); ``dtype`` overrides the
     device's (CUDA bf16, CPU fp32).
     """
@@ -136,7 +136,7 @@ class HFEngine:
         import torch
 
         from milton.train.formatting import resolve_format
-        from milton.train.model import load_base
+        from milton.models.hf import load_base
 
         self.ref = base
         self.logger = logger_ or logger

@@ -57,11 +57,11 @@ from milton.core.log import log_event
 from milton.core.timeutil import iso, utcnow
 from milton.serve.engine import Chunk, EngineInfo, GenerationParams, Usage
 from milton.serve.hot import HotModel
-from milton.train.model import usable_cpus
+from milton.models.hf import usable_cpus
 
 if TYPE_CHECKING:
     from milton.serve.hf_engine import HFEngine
-    from milton.train.model import BaseModelRef
+    from milton.models.refs import BaseModelRef
 
 ADAPTER_KIND = "adapter"
 ADAPTER_FILE = "adapter.gguf"
@@ -176,7 +176,7 @@ def serve_backend(settings: Settings, ref: BaseModelRef) -> str:
 
 
 def resolve_serve_base(settings: Settings, backend: str | None = None) -> BaseModelRef:
-    """``model.base`` as a :class:`~milton.train.model.BaseModelRef` (sha256 included) for
+    """``model.base`` as a :class:`~milton.models.refs.BaseModelRef` (sha256 included) for
     ``backend`` (default: :func:`serve_backend`).
 
     Empty = the packaged Gemma 3 270M (assembled into ``data/models`` where the home cache is
@@ -184,7 +184,7 @@ def resolve_serve_base(settings: Settings, backend: str | None = None) -> BaseMo
     llama.cpp needs a GGUF. The transformers backend takes either (a GGUF is dequantised, as
     train-lora does).
     """
-    from milton.train.model import resolve_base
+    from milton.models.refs import resolve_base
 
     ref = resolve_base(settings)
     if ref.kind != "gguf" and (backend or serve_backend(settings, ref)) == "llama":

@@ -18,20 +18,22 @@ from typing import Any
 import sqlite_utils
 
 from milton.core.artifacts import ArtifactStore
-from milton.core.fsio import atomic_write_json
 from milton.core.config import Settings
+from milton.core.fsio import atomic_write_json
 from milton.core.jobs import JobContext, finish_run, unfinished_run, work_dir
 from milton.core.timeutil import iso, utcnow
-
-KIND = "adapter"
-ADAPTER_DIR = "adapter"
-BASE_CONFIG_DIR = "base"
-ADAPTER_GGUF = "adapter.gguf"
-DATASET_DIR = "dataset"
+from milton.models.layout import (
+    ADAPTER_BASE_CONFIG,
+    ADAPTER_DIR,
+    ADAPTER_GGUF,
+    ADAPTER_KIND,
+    DATASET_DIR,
+    artifact_store,
+)
 
 
 def adapter_store(settings: Settings) -> ArtifactStore:
-    return ArtifactStore(settings.paths.checkpoints_dir, KIND, keep=settings.train.keep_versions)
+    return artifact_store(settings, ADAPTER_KIND)
 
 
 def run_dir(settings: Settings, run_id: int) -> Path:
@@ -68,8 +70,8 @@ def train_lora_job(*, max_steps: int | None = None) -> Callable[[JobContext], di
 def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, Any]:
     from milton.core.notify import notify
     from milton.train.dataset import build_dataset, export_new_items, require_enough, write_dataset_files
-    from milton.train.gguf import lora_to_gguf, tools_dir
-    from milton.train.model import resolve_base
+    from milton.models.convert import lora_to_gguf, tools_dir
+    from milton.models.refs import resolve_base
 
     settings, db = ctx.settings, ctx.db
     tools_dir(settings)  # fail now, not after an hour of training
@@ -98,11 +100,11 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
 
     def build(tmp: Path) -> None:
         from milton.train.lora import save_adapter
-        from milton.train.model import save_base_config
+        from milton.models.hf import save_base_config
 
         save_adapter(result.model, tmp / ADAPTER_DIR)
-        save_base_config(ref, result.model, tmp / BASE_CONFIG_DIR)
-        lora_to_gguf(settings, tmp / ADAPTER_DIR, tmp / BASE_CONFIG_DIR, tmp / ADAPTER_GGUF)
+        save_base_config(ref, result.model, tmp / ADAPTER_BASE_CONFIG)
+        lora_to_gguf(settings, tmp / ADAPTER_DIR, tmp / ADAPTER_BASE_CONFIG, tmp / ADAPTER_GGUF)
         write_dataset_files(dataset, tmp / DATASET_DIR)  # the audit trail: what it learned from
         atomic_write_json(tmp / "metrics.json", metrics)
 
@@ -141,7 +143,7 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, run_id: int, wo
     from milton.train.evaluate import evaluate
     from milton.train.gate import decide
     from milton.train.lora import load_adapter, train_lora
-    from milton.train.model import load_base
+    from milton.models.hf import load_base
 
     settings, cfg = ctx.settings, ctx.settings.train
     fmt = settings.model.chat_format
