@@ -38,7 +38,7 @@ bench: $(STAMP)
 
 ## Regenerate docs/cli.md and config.toml from the code (a test fails when they drift).
 docs: $(STAMP)
-	$(BIN)/python -c "from milton.ops.docs import *; \
+	$(BIN)/python -c "from milton.cli.docs import *; \
 	  open('docs/cli.md', 'w').write(render_cli_reference()); \
 	  open('config.toml', 'w').write(render_default_config())"
 

@@ -12,11 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import DAY, T_END, as_records, median, snapshots, target, timed
 from milton.core.store import open_store
 from milton.ingest import processes
 from milton.ingest.processes import _INSERT, ingest_records, ingest_snapshot
-
-from benchmarks._common import DAY, T_END, as_records, median, snapshots, target, timed
 
 TARGET_RATIO = 0.7
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import live_server, target
-from milton.serve.llm import PLAIN_ASSISTANT, PLAIN_STOP, PLAIN_USER
+from milton.models.prompt import PLAIN_ASSISTANT, PLAIN_STOP, PLAIN_USER
 
 TARGET_RATIO = 0.95
 # Prompts on which Gemma 270M (plain format, greedy) uses its whole token budget, so decode

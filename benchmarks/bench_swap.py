@@ -113,8 +113,8 @@ def _measure(name: str, base: Path, work: Path, threads: int, idle_swaps: int, l
              reloads: int, max_tokens: int, lora_std: float) -> dict[str, Any]:
     from llama_cpp import Llama
 
-    from milton.serve.engine import GenerationParams
-    from milton.serve.llm import LlamaEngine
+    from milton.serve.engines.base import GenerationParams
+    from milton.serve.engines.llama import LlamaEngine
 
     adapters = {key: write_random_lora(base, work / f"{name}-{key}.gguf", seed, std=lora_std)
                 for key, seed in (("A", 1), ("B", 2))}

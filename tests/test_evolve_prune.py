@@ -17,16 +17,22 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from milton.core.config import EvolveConfig, TrainConfig
-from milton.evolve.prune import (input_norms, iterative_prune, latest_checkpoint, prunable_linears,
-                                 prune, recover, sparsity_of)
-from milton.train.evaluate import perplexity
-from milton.models.hf import load_base
-from milton.models.refs import BaseModelRef
-
 from kill_child import kill_9_when
 from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama, build_tokenizer
+
+from milton.core.config import EvolveConfig, TrainConfig
+from milton.evolve.prune import (
+    input_norms,
+    iterative_prune,
+    latest_checkpoint,
+    prunable_linears,
+    prune,
+    recover,
+    sparsity_of,
+)
+from milton.models.hf import load_base
+from milton.models.refs import BaseModelRef
+from milton.train.evaluate import perplexity
 
 CALIB = [{"kind": "text", "prompt": text, "response": ""} for text in GENERAL_TEXT]
 QA = [{"kind": "pair", "prompt": q, "response": a} for q, a in KNOWN_QA]

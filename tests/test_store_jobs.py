@@ -11,7 +11,7 @@ import textwrap
 from datetime import datetime, timezone
 
 import pytest
-from conftest import REPO, assert_clean_error
+from helpers import REPO, assert_clean_error
 
 from milton.core.errors import BusyError, InputError
 from milton.core.jobs import Skip, job_lock, run_job

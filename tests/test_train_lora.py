@@ -9,13 +9,34 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from kill_child import kill_9_when
+from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama
 
 from milton.core.config import TrainConfig, load_settings
 from milton.core.errors import ConfigError
+from milton.models.hf import (
+    base_config_dict,
+    is_dequantised,
+    load_base,
+    save_base_config,
+)
+from milton.models.refs import BaseModelRef, resolve_base
 from milton.train.checkpoints import latest_step
-from milton.train.evaluate import adapter_disabled, evaluate, generate, perplexity, rouge_l
-from milton.train.formatting import (IGNORE, format_item, format_items, prompt_ids,
-                                     prompt_text, resolve_format)
+from milton.train.evaluate import (
+    adapter_disabled,
+    evaluate,
+    generate,
+    perplexity,
+    rouge_l,
+)
+from milton.train.formatting import (
+    IGNORE,
+    format_item,
+    format_items,
+    prompt_ids,
+    prompt_text,
+    resolve_format,
+)
 from milton.train.lora import (
     check_target_modules,
     load_adapter,
@@ -23,12 +44,6 @@ from milton.train.lora import (
     save_adapter,
     train_lora,
 )
-from milton.models.hf import base_config_dict, is_dequantised, load_base, save_base_config
-from milton.models.refs import BaseModelRef, resolve_base
-
-from kill_child import kill_9_when
-from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama
-
 
 # (answer, training prompts, held-out paraphrases)
 FACTS = [

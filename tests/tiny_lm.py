@@ -274,9 +274,9 @@ def train_tiny_adapter(hf: Path | str, question: str, answer: str, out: Path | s
 
     from milton.core.config import TrainConfig, load_settings
     from milton.models.convert import lora_to_gguf
-    from milton.train.lora import save_adapter, train_lora
     from milton.models.hf import load_base, save_base_config
     from milton.models.refs import BaseModelRef
+    from milton.train.lora import save_adapter, train_lora
 
     out = Path(out)
     ref = BaseModelRef(path=Path(hf), kind="hf", sha256="0" * 64, name="hf")

@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Any
 
 from milton.anomaly.model import AnomalyModel, load_verified, scoring_rows
-from milton.models.layout import ANOMALY_KIND, artifact_store
 from milton.core.config import Settings
 from milton.core.errors import ArtifactError, InputError
 from milton.core.jobs import STORE_LOCK, job_lock
 from milton.core.store import open_store
+from milton.models.layout import ANOMALY_KIND, artifact_store
 
 
 def current_model(settings: Settings) -> AnomalyModel:
@@ -48,8 +48,8 @@ def _latest_rows(settings: Settings, now: datetime) -> list[tuple]:
 
 
 def file_rows(path: str, max_line_bytes: int) -> list[tuple]:
-    from milton.ingest.processes import parse_records
     from milton.core.inputs import open_source
+    from milton.ingest.processes import parse_records
 
     handle, source, close = open_source(path)
     try:

@@ -16,10 +16,10 @@ import sqlite_utils
 from sklearn.ensemble import IsolationForest
 
 from milton.anomaly.model import FEATURES, AnomalyModel, Profile, build_features
-from milton.models.layout import ANOMALY_KIND, artifact_store
 from milton.core.config import AnomalyConfig, Settings
 from milton.core.jobs import JobContext, Skip
 from milton.core.timeutil import iso
+from milton.models.layout import ANOMALY_KIND, artifact_store
 
 
 def contamination_for(hours: float, cfg: AnomalyConfig) -> float:

@@ -19,57 +19,25 @@ from typing import Any
 
 import sqlite_utils
 
-from milton.core.artifacts import ArtifactStore
-from milton.core.fsio import atomic_write_bytes, atomic_write_json
 from milton.core.config import Settings
-from milton.core.jobs import JobContext, Skip, finish_run, unfinished_run, work_dir
+from milton.core.fsio import atomic_write_bytes, atomic_write_json
+from milton.core.jobs import JobContext, Skip, unfinished_run
 from milton.core.timeutil import iso, utcnow
 from milton.evolve.merge import Source
-from milton.models.layout import ADAPTER_GGUF, BASE_GGUF, BASE_HF, BASE_KIND, artifact_store
+from milton.evolve.runs import (
+    REPORT_JSON,
+    REPORT_PNG,
+    STAGE_FILE,
+    base_store,
+    finish,
+    read_stage,
+    run_dir,
+    run_stage,
+)
+from milton.models.layout import ADAPTER_GGUF, BASE_GGUF, BASE_HF
 from milton.models.refs import BaseModelRef
 
-STAGES = ("merge", "distil", "prune", "export")
-STAGE_FILE = "stage.json"
 TEACHER_FILE = "teacher.jsonl"
-REPORT_JSON = "report.json"
-REPORT_PNG = "report.png"
-
-
-def base_store(settings: Settings) -> ArtifactStore:
-    return artifact_store(settings, BASE_KIND)
-
-
-def run_dir(settings: Settings, run_id: int) -> Path:
-    return work_dir(settings, "evolve", run_id)
-
-
-def _finish(db: sqlite_utils.Database, run_id: int, status: str, *, reason: str,
-            metrics: dict[str, Any] | None = None, version: str | None = None) -> None:
-    finish_run(db, "evolve_runs", run_id, status, reason=reason,
-               metrics=json.dumps(metrics or {}, default=str), candidate_version=version)
-
-
-# -- stages -------------------------------------------------------------------------------------
-def read_stage(work: Path, name: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((work / name / STAGE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def run_stage(work: Path, name: str, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """``build(tmp)`` once: its directory and metrics appear as ``work/name`` only when done."""
-    done = read_stage(work, name)
-    if done is not None:
-        return {**done, "resumed": True}
-    tmp = work / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(work / name, ignore_errors=True)  # a dir without stage.json is unfinished
-    tmp.mkdir(parents=True)
-    info = build(tmp)
-    atomic_write_json(tmp / STAGE_FILE, info)
-    os.rename(tmp, work / name)
-    return info
 
 
 def _hf(path: Path, like: BaseModelRef | None = None) -> BaseModelRef:
@@ -390,7 +358,7 @@ def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[s
                "stages": report["rows"]},
         make_current=decision.promote)
     status = "promoted" if decision.promote else "rejected"
-    _finish(ctx.db, pipe.run_id, status, reason=decision.reason,
+    finish(ctx.db, pipe.run_id, status, reason=decision.reason,
             metrics={"candidate": candidate, "serving": serving, "rows": report["rows"]},
             version=version.name)
     if not cfg.keep_stages:

@@ -48,21 +48,26 @@ from pathlib import Path
 from typing import Any
 
 from milton.core.config import EvolveConfig, TrainConfig
-from milton.train.checkpoints import (latest, read_state, rewrite_state, write_checkpoint,
-                                      write_state)
+from milton.train.checkpoints import (
+    latest,
+    read_state,
+    rewrite_state,
+    write_checkpoint,
+    write_state,
+)
 from milton.train.evaluate import perplexity
 from milton.train.formatting import Example, format_items, resolve_format
-from milton.train.lora import FORBIDDEN_TARGETS
 from milton.train.loop import (
     LoopState,
-    collate,
     adamw,
+    collate,
     nll_step,
     pad_id_of,
     plan_batches,
     progress_bar,
     run_steps,
 )
+from milton.train.lora import FORBIDDEN_TARGETS
 
 METHODS = ("wanda", "magnitude", "none")
 IterationHook = Callable[[dict[str, Any]], None]

@@ -61,7 +61,7 @@ def build_report(run_id: int, stages: dict[str, dict[str, Any]], serving: dict[s
 
 def load_report(settings: Settings, db: sqlite_utils.Database, run: int | None) -> dict[str, Any]:
     """The report of evolve run ``run`` (default: the newest), partial for an unfinished run."""
-    from milton.evolve.jobs import REPORT_JSON, STAGES, read_stage, run_dir
+    from milton.evolve.runs import REPORT_JSON, STAGES, read_stage, run_dir
 
     where, params = ("id = ?", [run]) if run is not None else ("1", [])
     row = db.execute(f"select id, status, stage, reason, started, finished from evolve_runs "

@@ -14,7 +14,6 @@ import json
 import math
 import socket
 import sqlite3
-
 import time
 import uuid
 from collections import Counter

@@ -27,7 +27,13 @@ import sqlite_utils
 
 from milton.core.errors import InputError
 from milton.core.inputs import open_source, read_lines
-from milton.memory.sessions import ROLES, MessageIn, conversation_hash, insert_session, message_problem
+from milton.memory.sessions import (
+    ROLES,
+    MessageIn,
+    conversation_hash,
+    insert_session,
+    message_problem,
+)
 
 SUFFIXES = (".jsonl", ".ndjson", ".json")
 MAX_RECORD_BYTES = 64 << 20  # one conversation line; messages themselves are capped by config

@@ -42,7 +42,7 @@ def run_dir(settings: Settings, run_id: int) -> Path:
 
 def _finish_run(db: sqlite_utils.Database, run_id: int, status: str, *, reason: str,
                 metrics: dict[str, Any], version: str | None) -> None:
-    from milton.memory.store import bump
+    from milton.memory.memories import bump
 
     with db.atomic():
         finish_run(db, "training_runs", run_id, status, reason=reason,
@@ -69,9 +69,14 @@ def train_lora_job(*, max_steps: int | None = None) -> Callable[[JobContext], di
 
 def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, Any]:
     from milton.core.notify import notify
-    from milton.train.dataset import build_dataset, export_new_items, require_enough, write_dataset_files
     from milton.models.convert import lora_to_gguf, tools_dir
     from milton.models.refs import resolve_base
+    from milton.train.dataset import (
+        build_dataset,
+        export_new_items,
+        require_enough,
+        write_dataset_files,
+    )
 
     settings, db = ctx.settings, ctx.db
     tools_dir(settings)  # fail now, not after an hour of training
@@ -99,8 +104,8 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
     result = metrics.pop("_result")
 
     def build(tmp: Path) -> None:
-        from milton.train.lora import save_adapter
         from milton.models.hf import save_base_config
+        from milton.train.lora import save_adapter
 
         save_adapter(result.model, tmp / ADAPTER_DIR)
         save_base_config(ref, result.model, tmp / ADAPTER_BASE_CONFIG)
@@ -140,10 +145,10 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
 def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, run_id: int, work: Path,
                         max_steps: int | None) -> tuple[dict[str, Any], Any, str]:
     """Measure base, current and candidate on the same data in the same process."""
+    from milton.models.hf import load_base
     from milton.train.evaluate import evaluate
     from milton.train.gate import decide
     from milton.train.lora import load_adapter, train_lora
-    from milton.models.hf import load_base
 
     settings, cfg = ctx.settings, ctx.settings.train
     fmt = settings.model.chat_format
