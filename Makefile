@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench docs systemd-tools clean
+.PHONY: install run lint test bench docs systemd-tools clean
 
 $(STAMP): pyproject.toml scripts/llama_wheel.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,15 @@ run: $(STAMP)
 	$(BIN)/milton train-anomaly
 	exec $(BIN)/milton serve
 
-## The whole suite (systemd's own tools verify the units, so make sure they exist).
-test: $(STAMP) systemd-tools
+## The dependency rule (import-linter contracts in pyproject.toml: layers, no cycles, ops only
+## under the CLI), lint (ruff), and core's types (mypy). `make test` runs it first.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check milton tests benchmarks
+	$(BIN)/mypy
+
+## The whole suite, after lint (systemd's own tools verify the units, so make sure they exist).
+test: lint systemd-tools
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -97,7 +97,7 @@ def check_base(settings: Settings) -> tuple[Check, Any]:
 
     try:
         ref = resolve_base(settings)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("model.base", FAILED, _first_line(exc),
                      "set model.base to a readable .gguf or Hugging Face directory"), None
     size = sum(p.stat().st_size for p in ([ref.path] if ref.path.is_file()
@@ -131,7 +131,7 @@ def check_embedding(settings: Settings) -> Check:
 
         embedder = embedder_for(settings.memory)
         vector = embedder.encode_one("doctor check")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("embedding model", FAILED, _first_line(exc),
                      "check memory.embedding_model, or run `make install`")
     return Check("embedding model", OK, f"{settings.memory.embedding_model or 'packaged'}: "
@@ -144,7 +144,7 @@ def check_converters() -> Check:
     tools = default_tools_dir()
     try:
         version = llama_cpp_version()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("llama.cpp converters", FAILED, _first_line(exc), "run `make install`")
     marker = tools / "VERSION"
     if not (tools / LORA_SCRIPT).is_file() or not marker.is_file():
@@ -176,7 +176,7 @@ def check_store(settings: Settings) -> Check:
             result = [row[0] for row in conn.execute("pragma quick_check").fetchall()]
         finally:
             conn.close()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("store", FAILED, f"{path}: {_first_line(exc)}",
                      "restore the latest backup: `milton restore latest`")
     if result != ["ok"]:
@@ -220,7 +220,7 @@ def check_resources(settings: Settings, ref: Any) -> Check:
 def check_gpu() -> Check:
     try:
         import torch
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("GPU", FAILED, _first_line(exc), "run `make install`")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

@@ -170,7 +170,7 @@ def test_tracker_is_thread_safe(tracker, db):
             for i in range(15):
                 sid = tracker.session_for_user(user)
                 tracker.log_message("user" if i % 2 == 0 else "assistant", f"{user} says {i}", session_id=sid)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted on below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(f"u{n}",)) for n in range(6)]

@@ -168,7 +168,7 @@ class AnomalyModel:
 
     # -- scoring -------------------------------------------------------------------------
     def score(self, rows: Sequence[Sequence[Any]]) -> ScoreResult:
-        X = build_features(self.profile, rows)
+        X = build_features(self.profile, rows)  # noqa: N806 - the feature matrix, as scikit-learn names it
         if len(X) == 0:
             return ScoreResult(np.zeros(0), np.zeros(0, dtype=bool), self.threshold)
         scores = -self.forest.score_samples(X)

@@ -91,7 +91,7 @@ def fit_model(db: sqlite_utils.Database, now: datetime, cfg: AnomalyConfig) -> t
     t0 = time.perf_counter()
     profile = load_profile(db, start, end)
     rows, gaps = sample_rows(db, start, end, cfg.rows_per_process)
-    X = build_features(profile, rows, gaps)
+    X = build_features(profile, rows, gaps)  # noqa: N806 - the feature matrix, as scikit-learn names it
     hours = (end - first_ts) / 3600.0
     contamination = contamination_for(hours, cfg)
     forest = IsolationForest(

@@ -212,7 +212,7 @@ def restore_cmd(
     if as_json:
         print_json(result)
         return
-    say = lambda text: out.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    say = lambda text: out.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731 - a one-line alias
     for name in result["forced_past"]:
         err.print(f"milton: warning: --force: {name} still has the old store open; restart it",
                   markup=False, highlight=False)

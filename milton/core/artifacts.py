@@ -123,7 +123,8 @@ class ArtifactStore:
 
     def get(self, name: str) -> Version:
         if name in ("current", "latest"):
-            resolved = self.current_name() if name == "current" else (self.version_names() or [None])[-1]
+            names = self.version_names()
+            resolved = self.current_name() if name == "current" else (names[-1] if names else None)
             if resolved is None:
                 raise ArtifactError(f"{self.kind}: no {name} version")
             name = resolved

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlite_utils
 
@@ -179,7 +179,7 @@ def finish_run(db: sqlite_utils.Database, table: str, run_id: int, status: str, 
                **columns: Any) -> None:
     """Close an attempt: its final ``status``, when and why, and any other ``columns``."""
     with db.atomic():
-        db[table].update(run_id, {"status": status, "finished": iso(utcnow()), "reason": reason,
+        db.table(table).update(run_id, {"status": status, "finished": iso(utcnow()), "reason": reason,
                                   **columns})
 
 
@@ -220,7 +220,7 @@ def run_job(
         finished = utcnow()
         duration = round(time.monotonic() - t0, 4)
         if store is not None and run_id is not None:
-            store["job_runs"].update(
+            store.table("job_runs").update(
                 run_id,
                 {"finished": iso(finished), "status": status,
                  "metrics": json.dumps({**metrics, "duration_s": duration}, default=str),
@@ -251,10 +251,10 @@ def run_job(
                         "update job_runs set status = 'failed', finished = ?, error = ? "
                         "where job = ? and status = 'running'",
                         (iso(utcnow()), "interrupted: the process died before finishing", job))
-                run_id = store["job_runs"].insert({
+                run_id = cast(int, store.table("job_runs").insert({
                     "job": job, "started": iso(started_wall), "status": "running",
                     "host": host, "pid": pid, "now": iso(now),
-                }).last_pk
+                }).last_pk)
                 ctx = JobContext(job, settings, store, now, run_id, logger)
                 try:
                     metrics = fn(ctx) or {}

@@ -78,7 +78,7 @@ def _kd_sums(student_logits: Any, teacher_logits: Any | None, targets: Any,
              temperature: float) -> tuple[Any, Any]:
     """(summed CE, summed KL(teacher/T || student/T)) over rows of (N, V) logits."""
     import torch
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
     student = student_logits.float()
     ce = F.cross_entropy(student, targets, reduction="sum")

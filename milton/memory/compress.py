@@ -133,7 +133,7 @@ def plan_compression(db: sqlite_utils.Database, embedder: Embedder, config: Memo
         key = row["session_id"] or "day:" + datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d")
         by_session.setdefault(key, []).append(row)
     extractive = ExtractiveSummarizer(embedder)
-    for key, session_rows in by_session.items():
+    for session_rows in by_session.values():
         vectors = _vectors(db, embedder, session_rows)
         for indexes in group_exchanges(session_rows, vectors):
             members = [session_rows[i] for i in indexes]

@@ -352,7 +352,7 @@ def ingest_conversation_file(db: sqlite_utils.Database, path: str | Path, *, max
             raise InputError(f"{source}: empty, no conversations to ingest")
         return report
     with db.atomic():
-        for line, conv in good:
+        for _line, conv in good:
             digest = conv.digest
             if db.execute("select 1 from sessions where content_hash = ? or id = ?",
                           [digest, conv.session_id]).fetchone():

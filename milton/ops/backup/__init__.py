@@ -11,5 +11,3 @@ and restoring one.
 Like the rest of ``ops``, it imports only :mod:`milton.core` and reads the store's tables as
 files, never through the pillars that write them.
 """
-
-__all__ = ["archive", "create", "restore", "retention"]

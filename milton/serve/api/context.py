@@ -164,7 +164,7 @@ class ChatMemory:
         """The session this request is logged to (worker thread)."""
         try:
             job.session_id = self._tracker_get().session_for_user(job.key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - answer without a session rather than not at all
             self.metrics.fallback("session")
             log_event(logger, "session lookup failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
 

@@ -239,7 +239,7 @@ class OpenAIService:
         except ApiError as exc:
             self.metrics.request("chat", exc.status, time.perf_counter() - t0)
             return exc.response()
-        except Exception as exc:  # noqa: BLE001 - a bug: answer in the API's shape, keep the trace
+        except Exception as exc:  # a bug: answer in the API's shape, keep the trace (logged)
             logger.exception("chat request failed")
             self.metrics.request("chat", 500, time.perf_counter() - t0)
             return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
@@ -537,7 +537,7 @@ class OpenAIService:
         if engine is not None:
             try:
                 info = asdict(engine.info())
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - telemetry reports an engine in trouble
                 info = {"error": f"{type(exc).__name__}: {exc}"}
         return {"model": self.model_id(), "engine_loaded": engine is not None, "engine": info,
                 "unavailable": self._unavailable,
