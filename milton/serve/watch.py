@@ -101,6 +101,15 @@ class HotModel(Generic[T]):
                       previous=loaded.version if loaded else None, load_s=round(load_s, 4))
             return True
 
+    def _back_to_default(self, swap_s: float, message: str, previous: str | None) -> None:
+        """``current`` went away and the consumer went back to what it serves without one:
+        counted and logged as a reload (hold ``_check_lock``)."""
+        self._loaded = None
+        self.reloads += 1
+        self.last_swap_s = swap_s
+        self.last_reload = iso(utcnow())
+        log_event(self.logger, message, previous=previous)
+
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
@@ -189,12 +198,8 @@ class AdapterWatcher(HotModel[str]):
                 return False
             previous = self._loaded.version if self._loaded else self.engine.adapter_version
             record = self.engine.set_adapter(None)
-            self._loaded = None
-            self.reloads += 1
-            self.last_swap_s = record.locked_ms / 1e3
-            self.last_reload = iso(utcnow())
-            log_event(self.logger, f"no current {self.store.kind}: serving the bare base",
-                      previous=previous)
+            self._back_to_default(record.locked_ms / 1e3,
+                                  f"no current {self.store.kind}: serving the bare base", previous)
             return True
 
     def retry(self) -> None:
@@ -260,11 +265,7 @@ class BaseWatcher(HotModel[str]):
                 self.failures += 1
                 self.last_error = f"model.base: {exc}"
                 return False
-            self._loaded = None
-            self.reloads += 1
-            self.last_swap_s = record.locked_ms / 1e3
-            self.last_reload = iso(utcnow())
-            log_event(self.logger, f"no current {self.store.kind}: serving model.base again",
-                      previous=previous)
+            self._back_to_default(record.locked_ms / 1e3,
+                                  f"no current {self.store.kind}: serving model.base again", previous)
         self._adapters_retry()
         return True

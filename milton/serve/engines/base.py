@@ -128,7 +128,8 @@ class ChatEngine(Protocol):
     def close(self) -> None: ...
 
 
-class LoadedAdapter(Protocol):
+@dataclass
+class LoadedAdapter:
     """What an engine keeps about the adapter it serves (each backend adds its handle)."""
 
     path: Path

@@ -61,6 +61,7 @@ from milton.serve.engines.base import (
     Engine,
     EngineInfo,
     GenerationParams,
+    LoadedAdapter,
     PromptError,
     ServedChunk,
 )
@@ -77,13 +78,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 @dataclass
-class _Adapter:
-    name: str                   # the PEFT adapter name inside the model
-    path: Path
-    version: str | None
-    base_sha256: str | None     # what its manifest says it was trained on (None = unchecked)
-    promoted_at: str | None
-    loaded_at: str
+class _Adapter(LoadedAdapter):
+    name: str = ""              # the PEFT adapter name inside the model
     config: Any = None          # its PEFT config, checked and ready to load for inference
 
 
@@ -195,7 +191,7 @@ class HFEngine(Engine):
 
     def _prepare_adapter(self, path: Path, version: str | None, base_sha256: str | None,
                          promoted_at: str | None) -> _Adapter:
-        new = _Adapter(f"a{next(self._names)}", path, version, base_sha256, promoted_at, "")
+        new = _Adapter(path, version, base_sha256, promoted_at, "", name=f"a{next(self._names)}")
         self._check_base(new)
         new.config = self._check_files(path)
         if self._peft is not None:

@@ -61,6 +61,7 @@ from milton.serve.engines.base import (
     Engine,
     EngineInfo,
     GenerationParams,
+    LoadedAdapter,
     PromptError,
     SwapRecord,
 )
@@ -68,13 +69,8 @@ from milton.serve.engines.select import resolve_serve_base
 
 
 @dataclass
-class _Adapter:
-    handle: Any                 # llama_adapter_lora_p
-    path: Path
-    version: str | None
-    base_sha256: str | None     # what its manifest says it was trained on (None = unchecked)
-    promoted_at: str | None
-    loaded_at: str
+class _Adapter(LoadedAdapter):
+    handle: Any = None          # llama_adapter_lora_p
     freed: bool = False
 
 
@@ -227,7 +223,7 @@ class LlamaEngine(Engine):
                 f"adapter {version or path} was trained on base sha256 {base_sha256[:12]}…, "
                 f"but serve runs {base.path.name} (sha256 {base.sha256[:12]}…)")
         handle = self._init_adapter(base, path)
-        return _Adapter(handle, path, version, base_sha256, promoted_at, iso(utcnow()) or "")
+        return _Adapter(path, version, base_sha256, promoted_at, iso(utcnow()) or "", handle)
 
     def _switch_adapter(self, new: _Adapter | None) -> _Adapter | None:
         base = self._base
@@ -266,9 +262,9 @@ class LlamaEngine(Engine):
                 if old_adapter.base_sha256 == new_base.sha256:
                     try:
                         handle = self._init_adapter(new_base, old_adapter.path)
-                        carried = _Adapter(handle, old_adapter.path, old_adapter.version,
+                        carried = _Adapter(old_adapter.path, old_adapter.version,
                                            old_adapter.base_sha256, old_adapter.promoted_at,
-                                           iso(utcnow()) or "")
+                                           iso(utcnow()) or "", handle)
                     except AdapterError as exc:
                         dropped = str(exc)
                 else:
