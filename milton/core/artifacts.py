@@ -70,7 +70,11 @@ class Version:
 
 
 class ArtifactStore:
-    """One kind of artifact (``anomaly``, ``adapter``, ``base``...) under ``checkpoints/``."""
+    """One kind of artifact (``anomaly``, ``adapter``, ``base``...) under ``checkpoints/``.
+
+    ``keep`` matters only to :meth:`publish` (which prunes to it); the kinds' own counts are
+    :func:`milton.models.layout.artifact_store`'s.
+    """
 
     def __init__(self, root: Path, kind: str, keep: int = 10) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", kind):

@@ -260,8 +260,7 @@ def _restore_artifacts(settings: Settings, manifest: dict[str, Any], stage: Path
     files = manifest["files"]
     out: dict[str, Any] = {}
     for kind, info in sorted((manifest.get("artifacts") or {}).items()):
-        keep = settings.anomaly.keep_versions if kind == "anomaly" else settings.artifacts.keep
-        store = ArtifactStore(root, kind, keep=keep)
+        store = ArtifactStore(root, kind)  # never publishes, so never prunes: no keep count
         store.dir.mkdir(parents=True, exist_ok=True)
         placed, kept = [], []
         for version in info.get("versions", []):

@@ -37,22 +37,24 @@ class RequestQueue:
 
 
 class Ticket:
-    def __init__(self, gate: RequestQueue) -> None:
-        self.gate = gate
+    """One admitted request: its place in the queue, then the model slot."""
+
+    def __init__(self, queue: RequestQueue) -> None:
+        self.queue = queue
         self.holding = False
         self.done = False
 
     async def acquire(self) -> None:
-        await self.gate._lock.acquire()
+        await self.queue._lock.acquire()
         self.holding = True
-        self.gate.active += 1
+        self.queue.active += 1
 
     def release(self) -> None:
         """Idempotent: leave the model slot (if held) and the queue."""
         if self.holding:
             self.holding = False
-            self.gate.active -= 1
-            self.gate._lock.release()
+            self.queue.active -= 1
+            self.queue._lock.release()
         if not self.done:
             self.done = True
-            self.gate.admitted -= 1
+            self.queue.admitted -= 1

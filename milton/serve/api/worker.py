@@ -4,7 +4,7 @@ Why not a thread per request: llama.cpp (built with OpenMP) keeps its team of co
 per calling thread, so each new calling thread paid for a new team. Measured on the embedded
 Gemma with 2 threads on 2 cores: time to first token 64.5 ms from a fresh thread per call
 against 46.9 ms from the main thread, and 50.0 against 50.4 from one reused thread. Generations
-are one at a time anyway (one context; the queue gate admits one), so one thread costs nothing.
+are one at a time anyway (one context; the request queue admits one), so one thread costs nothing.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ class Engine:
 
     def __init__(self, *, seed: int | None = None, logger_: logging.Logger | None = None) -> None:
         self.logger = logger_ or logger
-        self._gate = ContextLock()
+        self._context = ContextLock()
         self._swap_lock = threading.Lock()   # one swap at a time (adapter or base)
         self._rng = random.Random(seed)
         self._closed = False
@@ -254,7 +254,7 @@ class Engine:
                 except AdapterError as exc:
                     raise self._failed("adapter", label, t0, exc) from None
             t_loaded = time.perf_counter()
-            self._gate.acquire(urgent=True)
+            self._context.acquire(urgent=True)
             t_locked = time.perf_counter()
             try:
                 try:
@@ -264,7 +264,7 @@ class Engine:
                 previous, self._adapter = self._adapter, new
             finally:
                 t_switched = time.perf_counter()
-                self._gate.release()
+                self._context.release()
             self._drop_adapter(old)
             record = self._swapped("adapter", version if path is not None else None,
                                    t0, t_loaded, t_locked, t_switched)
@@ -345,7 +345,7 @@ class Engine:
         """``run()``'s chunks, holding the context; a cancelled wait yields one 'cancelled'
         chunk. Nothing is held until the first next(): an iterator dropped unstarted costs
         nothing."""
-        if not self._gate.acquire(cancel=cancel):
+        if not self._context.acquire(cancel=cancel):
             self.cancelled += 1
             yield ServedChunk(finish_reason="cancelled", usage=Usage(len(ids), 0),
                               adapter_version=self.adapter_version)
@@ -353,7 +353,7 @@ class Engine:
         try:
             yield from run()
         finally:
-            self._gate.release()
+            self._context.release()
 
     def _stream(self, n_prompt: int, max_new: int, tokens: Iterator[int | None],
                 is_end: Callable[[int], bool], decode: Callable[[int], str],
@@ -398,7 +398,7 @@ class Engine:
         with self._swap_lock:
             if self._closed:
                 return
-            with self._gate.hold(urgent=True):
+            with self._context.hold(urgent=True):
                 self._closed = True
                 self._release()
             self._after_close()

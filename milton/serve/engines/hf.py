@@ -12,17 +12,17 @@ present (``model.device`` auto|cuda), else the CPU in fp32 with ``serve.n_thread
 Adapter swap (:meth:`~milton.serve.engines.base.Engine.set_adapter`; the artifact's PEFT
 ``adapter/`` directory):
 
-1. off the gate: the directory is checked (a LoRA ``adapter_config.json``, readable
+1. off the context lock: the directory is checked (a LoRA ``adapter_config.json``, readable
    ``adapter_model.safetensors``, every LoRA matrix shaped for a module of this base), then
    PEFT ``add_adapter`` + ``load_adapter`` put it under a new adapter name beside the running
    one, which a generation in flight never looks at (it only runs its active adapter);
 2. waiting for the generation in flight (a pending swap goes before queued requests), then,
-   holding the gate: ``set_adapter`` makes it the active one. No KV cache outlives a
+   holding the context lock: ``set_adapter`` makes it the active one. No KV cache outlives a
    generation here, so nothing computed under the old adapter is reused;
 3. ``delete_adapter`` drops the old one.
 
 The first adapter of a process has no PEFT wrapper to go beside: wrapping injects LoRA layers
-into the base in place, so that one is loaded under the gate (usually at startup, before any
+into the base in place, so that one is loaded under the context lock (usually at startup, before any
 request; its cost shows in ``locked_ms``). The wrapper then stays; the bare base is the wrapper
 with no adapter left. A rejected adapter raises :class:`~milton.serve.engines.base.AdapterError`
 and the old one keeps serving.
@@ -286,7 +286,7 @@ class HFEngine(Engine):
         adapter.loaded_at = iso(utcnow()) or ""
 
     def _load_beside(self, adapter: _Adapter, config: Any) -> None:
-        """Off the gate: the new adapter beside the active one (inactive, so nothing changes)."""
+        """Off the context lock: the new adapter beside the active one (inactive, so nothing changes)."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -298,7 +298,7 @@ class HFEngine(Engine):
                 AdapterError(f"{adapter.path}: PEFT cannot load the adapter: {_first_line(exc)}") from None
 
     def _wrap(self, adapter: _Adapter, config: Any) -> None:
-        """Under the gate: wrap the base in PEFT with ``adapter`` (injects LoRA layers in place)."""
+        """Holding the context lock: wrap the base in PEFT with ``adapter`` (injects LoRA layers in place)."""
         from peft import PeftModel
 
         try:
@@ -315,7 +315,7 @@ class HFEngine(Engine):
                 AdapterError(f"{adapter.path}: PEFT cannot load the adapter: {_first_line(exc)}") from None
 
     def _switch(self, new: _Adapter | None) -> _Adapter | None:
-        """Under the gate: make ``new`` the active adapter (None: no adapter). Returns the old
+        """Holding the context lock: make ``new`` the active adapter (None: no adapter). Returns the old
         one if it still has to be deleted."""
         old = self._adapter
         if new is not None:
@@ -367,7 +367,7 @@ class HFEngine(Engine):
 
         The prompt is checked now (:class:`PromptError` if the template refuses it or it does
         not fit the context); generation starts when the returned iterator is first advanced
-        and holds the gate until it is exhausted or closed.
+        and holds the context lock until it is exhausted or closed.
         """
         ids, mode = self.render_prompt(messages)
         self._check_fits(ids, self.n_ctx)

@@ -186,7 +186,7 @@ class LlamaEngine(Engine):
         self._lc.llama_adapter_lora_free(adapter.handle)
 
     def _apply(self, base: _Base, adapter: _Adapter | None) -> None:
-        """Under the gate: put ``adapter`` on the context and forget every cached token."""
+        """Holding the context lock: put ``adapter`` on the context and forget every cached token."""
         lc, llm = self._lc, base.llm
         if adapter is None:
             rc = lc.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
@@ -204,7 +204,7 @@ class LlamaEngine(Engine):
             llm.set_cache(None)
 
     def _detach(self, base: _Base) -> None:
-        """Under the gate: no adapter on ``base``'s context (before the adapter is freed)."""
+        """Holding the context lock: no adapter on ``base``'s context (before the adapter is freed)."""
         self._lc.llama_set_adapters_lora(base.llm._ctx.ctx, None, 0, None)
 
     # -- adapter swaps (Engine) -------------------------------------------------------------------
@@ -272,7 +272,7 @@ class LlamaEngine(Engine):
                                f"{(old_adapter.base_sha256 or 'unknown')[:12]}…, not "
                                f"{new_base.path.name}; serving the new base bare")
             t_loaded = time.perf_counter()
-            self._gate.acquire(urgent=True)
+            self._context.acquire(urgent=True)
             t_locked = time.perf_counter()
             try:
                 if carried is not None:
@@ -280,12 +280,12 @@ class LlamaEngine(Engine):
                 old_base, self._base, self._adapter = self._base, new_base, carried
                 self._detach(old_base)
             except AdapterError as exc:
-                self._gate.release()
+                self._context.release()
                 self._free_adapter(carried)
                 self._retire(new_base)
                 raise self._failed("base", path.name, t0, exc) from None
             t_switched = time.perf_counter()
-            self._gate.release()
+            self._context.release()
             self._free_adapter(old_adapter)   # before its model goes
             self._retire(old_base)
             if dropped:
