@@ -30,10 +30,12 @@ run: $(STAMP)
 	exec $(BIN)/milton serve
 
 ## The dependency rule (import-linter contracts in pyproject.toml: layers, no cycles, ops only
-## under the CLI), lint (ruff), and core's types (mypy). `make test` runs it first.
+## under the CLI; no private or string imports), lint (ruff), and core's types (mypy).
+## `make test` runs it first.
 lint: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/ruff check milton tests benchmarks
+	$(BIN)/python scripts/check_imports.py milton
+	$(BIN)/ruff check milton tests benchmarks scripts/check_imports.py
 	$(BIN)/mypy
 
 ## The whole suite, after lint (systemd's own tools verify the units, so make sure they exist).
