@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench docs systemd-tools clean
+.PHONY: install run lint test bench docs systemd-tools clean
 
 $(STAMP): pyproject.toml scripts/llama_wheel.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml scripts/llama_wheel.py
 	# llama-cpp-python built portably (no -march=native, no AMX), wheel cached per set of flags
 	$(PYTHON) scripts/llama_wheel.py $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m milton.train.tools   # llama.cpp's converters, from the same sdist
+	$(BIN)/python -m milton.models.convert   # llama.cpp's converters, from the same sdist
 	# last: the packaged model must generate in a child process, or the install fails here
 	$(BIN)/python -m milton.models.smoke --install
 	touch $(STAMP)
@@ -32,8 +32,17 @@ run: install
 	$(BIN)/milton train-anomaly
 	exec $(BIN)/milton serve
 
-## The whole suite (systemd's own tools verify the units, so make sure they exist).
-test: install systemd-tools
+## The dependency rule (import-linter contracts in pyproject.toml: layers, no cycles, ops only
+## under the CLI; no private or string imports), lint (ruff), and core's types (mypy).
+## `make test` runs it first.
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_imports.py milton
+	$(BIN)/ruff check milton tests benchmarks scripts
+	$(BIN)/mypy
+
+## The whole suite, after lint (systemd's own tools verify the units, so make sure they exist).
+test: lint systemd-tools
 	$(BIN)/python -m pytest
 
 bench: install
@@ -41,7 +50,7 @@ bench: install
 
 ## Regenerate docs/cli.md and config.toml from the code (a test fails when they drift).
 docs: install
-	$(BIN)/python -c "from milton.ops.docs import *; \
+	$(BIN)/python -c "from milton.cli.docs import *; \
 	  open('docs/cli.md', 'w').write(render_cli_reference()); \
 	  open('config.toml', 'w').write(render_default_config())"
 

@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import DAY, T_END, target
 from milton.anomaly.simulate import Workstation
 from milton.core.config import load_settings
 from milton.core.jobs import run_job
 from milton.core.store import open_store
-from milton.ingest.processes import _INSERT
-from milton.ops.backup import create_backup, verify_archive
-
-from benchmarks._common import DAY, T_END, target
+from milton.ingest.processes import INSERT_SQL
+from milton.ops.backup.archive import verify_archive
+from milton.ops.backup.create import create_backup
 
 WRITE_INTERVAL_S = 0.02   # 50 snapshot commits/s: far more than a fleet of agents sends
 BASELINE_S = 10.0
@@ -93,7 +93,7 @@ def build_store(path: Path, target_bytes: int) -> dict[str, Any]:
             with db.atomic():
                 db.conn.executemany("insert into snapshots (id, host, ts, source, rows) "
                                     "values (?, ?, ?, ?, ?)", snap_rows)
-                db.conn.executemany(_INSERT, proc_rows)
+                db.conn.executemany(INSERT_SQL, proc_rows)
             rows += len(proc_rows)
             snaps += len(snap_rows)
             day += 1

@@ -235,7 +235,7 @@ def _ladder(settings: Any, model: Any, tok: Any, packaged: Path, work: Path, exa
     from milton.evolve.export import export_ggufs
     from milton.evolve.measure import measure_gguf
     from milton.evolve.merge import save_model
-    from milton.train.model import usable_cpus
+    from milton.models.hf import usable_cpus
 
     started = time.perf_counter()
     save_model(model, tok, work / "hf", like=packaged)
@@ -336,9 +336,10 @@ def child_dense(plan: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from milton.core.config import load_settings
+    from milton.models.hf import load_base
+    from milton.models.refs import resolve_base
     from milton.train.formatting import format_items
-    from milton.train.lora import peak_rss_mb
-    from milton.train.model import load_base, resolve_base
+    from milton.train.loop import peak_rss_mb
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="milton-bench-evolve-") as tmp:
@@ -415,7 +416,7 @@ def _seed_store(db_path: Path) -> dict[str, int]:
 
 def _stage_times(work: Path, started: float) -> dict[str, float]:
     """Seconds from the job's start until each stage.json / report.json was written."""
-    from milton.evolve.jobs import REPORT_JSON, STAGE_FILE, STAGES
+    from milton.evolve.runs import REPORT_JSON, STAGE_FILE, STAGES
 
     out = {}
     for name in STAGES:
@@ -449,9 +450,11 @@ def child_job(plan: dict[str, Any]) -> dict[str, Any]:
     from milton.core.config import load_settings
     from milton.core.jobs import run_job
     from milton.evolve.export import gguf_name
-    from milton.evolve.jobs import REPORT_JSON, STAGES, evolve_job, read_stage, run_dir
-    from milton.train.lora import peak_rss_mb
-    from milton.train.model import resolve_base, usable_cpus
+    from milton.evolve.jobs import evolve_job
+    from milton.evolve.runs import REPORT_JSON, STAGES, read_stage, run_dir
+    from milton.models.hf import usable_cpus
+    from milton.models.refs import resolve_base
+    from milton.train.loop import peak_rss_mb
 
     with temp_home("milton-bench-evolve-job-") as (home, _):
         _write_config(home, plan)

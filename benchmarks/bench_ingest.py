@@ -1,7 +1,7 @@
 """Ingest throughput: the validating dict path and the typed-tuple path vs raw executemany.
 
 Every run writes the same rows into a fresh store made by ``open_store`` (same schema, indexes,
-WAL and pragmas); the baseline is ``conn.executemany(_INSERT, rows)`` in one transaction.
+WAL and pragmas); the baseline is ``conn.executemany(INSERT_SQL, rows)`` in one transaction.
 Runs are interleaved (order rotated each repeat) and ratios are taken per repeat, then the
 median reported, so machine noise hits both sides alike.
 """
@@ -12,11 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import DAY, T_END, as_records, median, snapshots, target, timed
 from milton.core.store import open_store
 from milton.ingest import processes
-from milton.ingest.processes import _INSERT, ingest_records, ingest_snapshot
-
-from benchmarks._common import DAY, T_END, as_records, median, snapshots, target, timed
+from milton.ingest.processes import INSERT_SQL, ingest_records, ingest_snapshot
 
 TARGET_RATIO = 0.7
 
@@ -37,7 +36,7 @@ def _fresh(directory: Path, name: str):
 
 def _raw(db, rows, _records, _snaps) -> None:
     with db.atomic():
-        db.conn.executemany(_INSERT, rows)
+        db.conn.executemany(INSERT_SQL, rows)
 
 
 def _records(db, _rows, records, _snaps) -> None:

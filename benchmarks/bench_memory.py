@@ -36,13 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import DAY, T_END, median, target, timed
 from milton.core.config import MemoryConfig
 from milton.core.store import open_store
 from milton.memory import search as search_mod
 from milton.memory.embed import Embedder, get_embedder
 from milton.memory.search import keyword_top, search, vector_index
-
-from benchmarks._common import DAY, T_END, median, target, timed
 
 TARGET_P95_MS = 20.0            # search without query embedding, 100k memories
 TARGET_P95_EMBED_MS = 155.0     # search with query embedding, 100k memories

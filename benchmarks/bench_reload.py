@@ -10,12 +10,19 @@ from typing import Any
 
 import httpx
 
+from benchmarks._common import (
+    T_END,
+    as_records,
+    fill_and_train,
+    live_server,
+    median,
+    target,
+    temp_home,
+    utc,
+)
 from milton.anomaly.simulate import Workstation
 from milton.anomaly.train import train_anomaly
 from milton.core.jobs import run_job
-
-from benchmarks._common import (T_END, as_records, fill_and_train, live_server, median, target,
-                                temp_home, utc)
 
 TARGET_LATENCY_S = 2.0
 TARGET_SWAP_S = 0.1

@@ -8,11 +8,20 @@ from typing import Any
 
 import httpx
 
+from benchmarks._common import (
+    DAY,
+    T_END,
+    as_records,
+    fill_and_train,
+    live_server,
+    median,
+    snapshots,
+    target,
+    temp_home,
+    timed,
+)
 from milton.anomaly.detect import current_model, score_rows
 from milton.anomaly.model import scoring_rows
-
-from benchmarks._common import (DAY, T_END, as_records, fill_and_train, live_server, median,
-                                snapshots, target, temp_home, timed)
 
 TARGET_ROWS_PER_S = 100_000
 

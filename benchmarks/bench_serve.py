@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import live_server, target
-from milton.serve.llm import PLAIN_ASSISTANT, PLAIN_STOP, PLAIN_USER
+from milton.models.prompt import PLAIN_ASSISTANT, PLAIN_STOP, PLAIN_USER
 
 TARGET_RATIO = 0.95
 # Prompts on which Gemma 270M (plain format, greedy) uses its whole token budget, so decode
@@ -444,7 +444,8 @@ def _injection(base: str, model: str, queries: list[str], warmup: int, db_path: 
 def run(quick: bool = False) -> dict[str, Any]:
     from milton.core.config import load_settings
     from milton.core.store import open_store
-    from milton.train.model import embedded_gguf, usable_cpus
+    from milton.models.hf import usable_cpus
+    from milton.models.refs import embedded_gguf
 
     threads = usable_cpus()
     plan = {"n_ctx": 2048, "threads": threads, "prompts": 2 if quick else len(PROMPTS),

@@ -100,7 +100,7 @@ def _tiny_gguf(work: Path) -> Path:
     import torch
 
     from milton.core.config import load_settings
-    from milton.train.gguf import hf_to_gguf
+    from milton.models.convert import hf_to_gguf
 
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_lm import build_tiny_llama
@@ -115,7 +115,7 @@ def _tiny_gguf(work: Path) -> Path:
 
 
 def _gemma_gguf(work: Path) -> Path:
-    from milton.train.model import embedded_gguf
+    from milton.models.refs import embedded_gguf
 
     return embedded_gguf(work / "models")
 
@@ -124,8 +124,8 @@ def _measure(name: str, base: Path, work: Path, threads: int, idle_swaps: int, l
              reloads: int, max_tokens: int, lora_std: float) -> dict[str, Any]:
     from llama_cpp import Llama
 
-    from milton.serve.engine import GenerationParams
-    from milton.serve.llm import LlamaEngine
+    from milton.serve.engines.base import GenerationParams
+    from milton.serve.engines.llama import LlamaEngine
 
     adapters = {key: write_random_lora(base, work / f"{name}-{key}.gguf", seed, std=lora_std)
                 for key, seed in (("A", 1), ("B", 2))}
@@ -287,7 +287,7 @@ def _stale_outputs(base: Path, adapters: dict[str, Path], ids: list[int], thread
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from milton.train.model import usable_cpus
+    from milton.models.hf import usable_cpus
 
     plan = {"tiny": {"threads": 1, "idle_swaps": 30 if quick else 100,
                      "load_swaps": 10 if quick else 20, "reloads": 3 if quick else 5,

@@ -7,11 +7,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import (
+    DAY,
+    T_END,
+    fill_store,
+    median,
+    snapshots,
+    target,
+    timed,
+    utc,
+)
 from milton.anomaly.train import fit_model
 from milton.core.config import AnomalyConfig
 from milton.core.store import open_store
-
-from benchmarks._common import DAY, T_END, fill_store, median, snapshots, target, timed, utc
 
 TARGET_FIT_S = 2.0
 TARGET_FLAT_RATIO = 1.2

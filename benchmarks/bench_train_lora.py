@@ -78,9 +78,11 @@ def child(name: str, steps: int, bare_steps: int, batch: int, seq: int, threads:
     import torch
 
     from milton.core.config import TrainConfig, load_settings
+    from milton.models.hf import load_base
+    from milton.models.refs import BaseModelRef, resolve_base
     from milton.train.formatting import format_items
-    from milton.train.lora import collate, peak_rss_mb, train_lora
-    from milton.train.model import BaseModelRef, load_base, resolve_base
+    from milton.train.loop import collate, peak_rss_mb
+    from milton.train.lora import train_lora
 
     with tempfile.TemporaryDirectory(prefix="milton-bench-lora-") as tmp:
         home = Path(tmp)

@@ -93,11 +93,11 @@ def check_llama_build() -> Check:
 
 
 def check_base(settings: Settings) -> tuple[Check, Any]:
-    from milton.train.model import resolve_base
+    from milton.models.refs import resolve_base
 
     try:
         ref = resolve_base(settings)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("model.base", FAILED, _first_line(exc),
                      "set model.base to a readable .gguf or Hugging Face directory"), None
     size = sum(p.stat().st_size for p in ([ref.path] if ref.path.is_file()
@@ -131,7 +131,7 @@ def check_embedding(settings: Settings) -> Check:
 
         embedder = embedder_for(settings.memory)
         vector = embedder.encode_one("doctor check")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("embedding model", FAILED, _first_line(exc),
                      "check memory.embedding_model, or run `make install`")
     return Check("embedding model", OK, f"{settings.memory.embedding_model or 'packaged'}: "
@@ -139,20 +139,20 @@ def check_embedding(settings: Settings) -> Check:
 
 
 def check_converters() -> Check:
-    from milton.train.tools import LORA_SCRIPT, default_tools_dir, llama_cpp_version
+    from milton.models.convert import LORA_SCRIPT, default_tools_dir, llama_cpp_version
 
     tools = default_tools_dir()
     try:
         version = llama_cpp_version()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("llama.cpp converters", FAILED, _first_line(exc), "run `make install`")
     marker = tools / "VERSION"
     if not (tools / LORA_SCRIPT).is_file() or not marker.is_file():
         return Check("llama.cpp converters", FAILED, f"not in {tools}",
-                     "run `make install` (python -m milton.train.tools)")
+                     "run `make install` (python -m milton.models.convert)")
     if f"-{version}." not in marker.read_text():
         return Check("llama.cpp converters", FAILED, f"{tools} is from {marker.read_text().strip()}, "
-                     f"llama-cpp-python is {version}", "run `python -m milton.train.tools`")
+                     f"llama-cpp-python is {version}", "run `python -m milton.models.convert`")
     return Check("llama.cpp converters", OK, f"{tools} (llama-cpp-python {version})")
 
 
@@ -176,7 +176,7 @@ def check_store(settings: Settings) -> Check:
             result = [row[0] for row in conn.execute("pragma quick_check").fetchall()]
         finally:
             conn.close()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("store", FAILED, f"{path}: {_first_line(exc)}",
                      "restore the latest backup: `milton restore latest`")
     if result != ["ok"]:
@@ -220,7 +220,7 @@ def check_resources(settings: Settings, ref: Any) -> Check:
 def check_gpu() -> Check:
     try:
         import torch
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's result
         return Check("GPU", FAILED, _first_line(exc), "run `make install`")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 import skops.io as sio
 
-from milton.anomaly.model import KIND, AnomalyModel, load_verified
+from milton.anomaly.model import AnomalyModel, load_verified
 from milton.core.artifacts import ArtifactStore
 from milton.core.errors import ArtifactError
+from milton.models.layout import ANOMALY_KIND as KIND
 
 
 def _publish(tmp_path, forest_obj):

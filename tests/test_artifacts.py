@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_clean_error
+from helpers import REPO, assert_clean_error
 
 from milton.core.artifacts import ArtifactStore, known_kinds
 from milton.core.errors import ArtifactError

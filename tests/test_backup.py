@@ -17,22 +17,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_clean_error
+from helpers import REPO, assert_clean_error
 
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import load_settings
 from milton.core.jobs import job_lock
 from milton.core.store import open_store
-from milton.ops.backup import (
+from milton.ops.backup.archive import (
     ArchiveError,
     clean_stale,
-    create_backup,
-    list_backups,
     read_manifest,
-    resolve_archive,
     verify_archive,
 )
-from milton.ops.restore import restore_backup
+from milton.ops.backup.create import create_backup
+from milton.ops.backup.restore import restore_backup
+from milton.ops.backup.retention import list_backups, resolve_archive
 
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc).timestamp()
 
@@ -516,7 +515,7 @@ def test_disk_full_on_a_small_tmpfs(milton_home, settings, tmp_path):
 
 def test_stale_staging_dirs_of_live_runs_are_kept(settings):
     """clean_stale removes only staging dirs whose owner is gone (their flock is free)."""
-    from milton.ops.backup import _staging
+    from milton.ops.backup.archive import staging as _staging
 
     settings.backup.dir.mkdir(parents=True)
     with _staging(settings.backup.dir, "backup") as live:
@@ -530,7 +529,8 @@ def test_stale_staging_dirs_of_live_runs_are_kept(settings):
 
 def test_restore_refuses_an_archive_from_a_newer_schema(milton_home, settings, tmp_path):
     """A store migrated by a newer Milton is not put under code that does not know its schema."""
-    from milton.ops.backup import BackupError, _write_archive
+    from milton.ops.backup.archive import BackupError
+    from milton.ops.backup.archive import write_archive as _write_archive
 
     seed_store(settings.db_path)
     made = create_backup(settings)

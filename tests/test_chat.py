@@ -40,7 +40,7 @@ def test_chat_streams_remembers_forgets_and_ends_the_session(cli, milton_home, t
 
 
 def test_chat_without_a_server_is_a_one_line_error(cli):
-    from conftest import assert_clean_error
+    from helpers import assert_clean_error
 
     code, out, err = cli("chat", "--url", "http://127.0.0.1:9", input="hi\n")
     assert code == 1

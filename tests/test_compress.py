@@ -6,17 +6,23 @@ import json
 from datetime import timedelta
 
 import pytest
-
 from memory_fixture import CONVERSATIONS, QUESTIONS, write_jsonl
+
 from milton.core.config import MemoryConfig
 from milton.core.store import open_store
 from milton.core.timeutil import parse_timestamp
 from milton.memory import compress as compress_mod
 from milton.memory.compress import compress_memory, group_exchanges
 from milton.memory.conversations import ingest_conversations
+from milton.memory.memories import (
+    NewMemory,
+    add_memories,
+    add_task,
+    list_tasks,
+    update_task,
+)
 from milton.memory.search import search
 from milton.memory.sessions import process_sessions
-from milton.memory.store import NewMemory, add_memories, add_task, list_tasks, update_task
 from milton.memory.summarize import ExtractiveSummarizer
 
 NOW = parse_timestamp("2026-06-01T12:00:00Z")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error
+from helpers import assert_clean_error
 
 from milton.core.config import load_settings
 from milton.core.errors import ConfigError

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error
+from helpers import assert_clean_error
 
 from milton.core.errors import InputError
 from milton.core.store import open_store
@@ -21,7 +21,8 @@ from milton.memory.conversations import (
     ingest_conversations,
     parse_record,
 )
-from milton.memory.sessions import export_sessions, pending_sessions, process_sessions
+from milton.memory.export import export_sessions
+from milton.memory.sessions import pending_sessions, process_sessions
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 TABLES = ("sessions", "messages", "memories", "memory_vectors", "preferences", "counters")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from milton.ops.docs import render_cli_reference, render_default_config
+from milton.cli.docs import render_cli_reference, render_default_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

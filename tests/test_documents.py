@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
-from conftest import assert_clean_error
+from helpers import assert_clean_error
 
 from milton.memory.documents import chunk_text, ingest_documents, sections
 

@@ -13,18 +13,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from kill_child import kill_9_when
+from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama
 
 from milton.core.config import EvolveConfig, TrainConfig
 from milton.core.errors import ConfigError
-from milton.evolve.distil import (DistilResult, distil, distillation_loss, mean_kl,
-                                  teacher_answers, topic_prompts)
-from milton.evolve.student import (choose_layers, default_student_layers, derive_student,
-                                   load_student)
+from milton.evolve.distil import (
+    DistilResult,
+    distil,
+    distillation_loss,
+    mean_kl,
+    teacher_answers,
+    topic_prompts,
+)
+from milton.evolve.student import (
+    choose_layers,
+    default_student_layers,
+    derive_student,
+    load_student,
+)
+from milton.models.hf import load_base
+from milton.models.refs import BaseModelRef
 from milton.train.checkpoints import latest_step
-from milton.train.model import BaseModelRef, load_base
-
-from kill_child import kill_9_when
-from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama
 
 TEACHER_LAYERS = 3
 
@@ -387,7 +397,8 @@ _CHILD = textwrap.dedent("""
     from milton.core.config import EvolveConfig, TrainConfig
     from milton.evolve.distil import distil
     from milton.evolve.student import derive_student
-    from milton.train.model import BaseModelRef, load_base
+    from milton.models.hf import load_base
+    from milton.models.refs import BaseModelRef
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     ref = BaseModelRef(path=Path(spec["teacher"]), kind="hf", sha256="0" * 64, name="t")
@@ -432,7 +443,7 @@ class _FakeEmbedder:
 
 def test_topic_prompts_from_a_real_store(tmp_path: Path) -> None:
     from milton.core.store import open_store
-    from milton.memory.store import NewMemory, add_memories
+    from milton.memory.memories import NewMemory, add_memories
 
     now = datetime(2025, 3, 1, tzinfo=timezone.utc)
     db = open_store(tmp_path / "m.db")

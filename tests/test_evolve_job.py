@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_clean_error
+from helpers import REPO, assert_clean_error
 from tiny_lm import build_tiny_gguf
 
 FACTS = [
@@ -91,8 +91,8 @@ def _generate(gguf: Path, prompt: str, n: int = 8) -> str:
 def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_home, tiny, settings):
     from transformers import AutoModelForCausalLM
 
-    from milton.evolve.jobs import base_store, run_dir
-    from milton.train.model import resolve_base
+    from milton.evolve.runs import base_store, run_dir
+    from milton.models.refs import resolve_base
 
     _, gguf = tiny
     _prepared(cli, milton_home, gguf)
@@ -154,7 +154,7 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
 
 
 def test_killed_stage_resumes(cli, milton_home, tiny, settings):
-    from milton.evolve.jobs import run_dir
+    from milton.evolve.runs import run_dir
 
     _, gguf = tiny
     _prepared(cli, milton_home, gguf, distil_steps=400, prune_method="none")

@@ -17,15 +17,22 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from milton.core.config import EvolveConfig, TrainConfig
-from milton.evolve.prune import (input_norms, iterative_prune, latest_checkpoint, prunable_linears,
-                                 prune, recover, sparsity_of)
-from milton.train.evaluate import perplexity
-from milton.train.model import BaseModelRef, load_base
-
 from kill_child import kill_9_when
 from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama, build_tokenizer
+
+from milton.core.config import EvolveConfig, TrainConfig
+from milton.evolve.prune import (
+    input_norms,
+    iterative_prune,
+    latest_checkpoint,
+    prunable_linears,
+    prune,
+    recover,
+    sparsity_of,
+)
+from milton.models.hf import load_base
+from milton.models.refs import BaseModelRef
+from milton.train.evaluate import perplexity
 
 CALIB = [{"kind": "text", "prompt": text, "response": ""} for text in GENERAL_TEXT]
 QA = [{"kind": "pair", "prompt": q, "response": a} for q, a in KNOWN_QA]
@@ -282,7 +289,8 @@ _CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from milton.core.config import EvolveConfig, TrainConfig
     from milton.evolve import prune as P
-    from milton.train.model import BaseModelRef, load_base
+    from milton.models.hf import load_base
+    from milton.models.refs import BaseModelRef
     spec = json.loads(Path(sys.argv[1]).read_text())
     recover = P._recover
     def slow_recover(*args, **kwargs):  # room to be killed in the middle of an iteration

@@ -10,12 +10,12 @@ import time
 from datetime import datetime, timezone
 
 from milton.anomaly.detect import current_model
-from milton.anomaly.model import KIND
 from milton.anomaly.simulate import Workstation
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import load_settings
 from milton.core.store import open_store
 from milton.ingest.processes import ingest_snapshot
+from milton.models.layout import ANOMALY_KIND as KIND
 
 T0 = datetime(2026, 5, 4, tzinfo=timezone.utc).timestamp()
 

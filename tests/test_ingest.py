@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error
+from helpers import assert_clean_error
 
 from milton.core.errors import InputError
 from milton.core.store import open_store

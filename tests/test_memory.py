@@ -7,18 +7,28 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-
-from conftest import assert_clean_error
+from helpers import assert_clean_error
 from memory_fixture import CONVERSATIONS, QUESTIONS, distractors
+
 from milton.core.config import MemoryConfig
 from milton.core.errors import InputError
 from milton.core.store import open_store
 from milton.core.timeutil import parse_timestamp
 from milton.memory.context import build_context, estimate_tokens, humanize_age
+from milton.memory.memories import (
+    NewMemory,
+    add_memories,
+    add_memory,
+    add_task,
+    delete_memories,
+    get_memory,
+    list_memories,
+    list_tasks,
+    memory_stats,
+    reembed,
+    update_task,
+)
 from milton.memory.search import fts_query, search
-from milton.memory.store import (NewMemory, add_memories, add_memory, add_task, delete_memories,
-                                 get_memory, list_memories, list_tasks, memory_stats, reembed,
-                                 update_task)
 from milton.memory.summarize import ExtractiveSummarizer, heuristic_importance
 
 NOW = parse_timestamp("2026-06-01T12:00:00Z")

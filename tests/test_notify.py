@@ -7,12 +7,12 @@ import socket
 import time
 
 import pytest
+from ntfy_server import NtfyServer
 
 from milton.core.config import load_settings
 from milton.core.errors import ConfigError
 from milton.core.jobs import run_job
 from milton.core.notify import MAX_BODY_BYTES, notify, unit_failure_report
-from ntfy_server import NtfyServer
 
 
 @pytest.fixture

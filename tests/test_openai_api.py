@@ -8,144 +8,24 @@ logging); the end-to-end tests run the same API on the real llama.cpp engine.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
+from helpers import assert_clean_error
+from live_server import MODEL, EchoEngine, Live, live, wait_until
 
-from milton.core.config import load_settings
 from milton.core.store import open_store
-from milton.memory.store import NewMemory, add_memory
-from milton.serve.app import create_app
-from milton.serve.engine import Chunk, EngineInfo, GenerationParams, Usage
-from milton.serve.limits import check_bind, is_loopback
-from milton.serve.openai_api import GracefulServer
-from milton.serve.process import free_port
-from conftest import assert_clean_error
+from milton.memory.memories import NewMemory, add_memory
+from milton.serve.api.auth import check_bind, is_loopback
+from milton.serve.engines.base import GenerationParams
 
-MODEL = "echo-test"
 EMBED = "all-MiniLM-L6-v2"
-
-
-class EchoEngine:
-    """A scripted engine (API-layer tests only). Replies ``echo: <last user message>`` word by
-    word; ``count N`` replies with N numbers. Generations are serialised like one llama.cpp
-    context; ``delay`` seconds per token; every call's messages and params are recorded, and
-    whether it was cancelled."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.calls: list[tuple[list[dict[str, str]], GenerationParams]] = []
-        self.cancelled: list[int] = []  # indexes into calls
-        self.finished: list[int] = []
-        self.started = threading.Event()  # set when a generation produced its first token
-        self.threads: list[int] = []  # native id of the thread each generation ran on
-        self._lock = threading.Lock()
-
-    def info(self) -> EngineInfo:
-        return EngineInfo(model_id=MODEL, base_path="/nonexistent/echo.gguf")
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    def chat(self, messages: list[dict[str, str]], params: GenerationParams,
-             cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        with self._lock:
-            self.threads.append(threading.get_native_id())
-            index = len(self.calls)
-            self.calls.append(([dict(m) for m in messages], params))
-            prompt = sum(self.count_tokens(m["content"]) for m in messages)
-            last = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-            match = re.fullmatch(r"count (\d+)", last.strip())
-            words = [f"{i} " for i in range(int(match.group(1)))] if match else \
-                re.findall(r"\S+\s*", f"echo: {last}")
-            text = ""
-            for n, word in enumerate(words):
-                if cancel is not None and cancel.is_set():
-                    self.cancelled.append(index)
-                    yield Chunk("", "cancelled", Usage(prompt, n))
-                    return
-                if n >= params.max_tokens:
-                    self.finished.append(index)
-                    yield Chunk("", "length", Usage(prompt, n))
-                    return
-                for stop in params.stop:
-                    if stop in text + word:
-                        self.finished.append(index)
-                        yield Chunk("", "stop", Usage(prompt, n))
-                        return
-                time.sleep(self.delay)
-                text += word
-                yield Chunk(word)
-                self.started.set()
-            self.finished.append(index)
-            yield Chunk("", "stop", Usage(prompt, len(words)))
-
-
-@dataclass
-class Live:
-    base: str
-    app: Any
-    server: GracefulServer
-    engine: EchoEngine | None
-    settings: Any
-
-    @property
-    def api(self):
-        return self.app.state.openai
-
-    def client(self, key: str = "none", **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0, timeout=30, **kw)
-
-    def db(self):
-        return open_store(self.settings.db_path)
-
-
-@contextlib.contextmanager
-def live(home: Path, engine: EchoEngine | None, **env: str) -> Iterator[Live]:
-    """create_app + uvicorn on a free 127.0.0.1 port in a thread; stopped (gracefully) after."""
-    environ = {"MILTON_HOME": str(home), "MILTON_SERVE__SNAPSHOT_ENABLED": "false",
-               **{f"MILTON_{k.upper()}": v for k, v in env.items()}}
-    settings = load_settings(environ=environ).settings
-    app = create_app(settings, engine=engine)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.serve.shutdown_grace_s)
-    server = GracefulServer(config, app.state.openai)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield Live(f"http://127.0.0.1:{port}", app, server, engine, settings)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive()
-
-
-def wait_until(predicate, timeout: float = 15.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 def messages_of(db, user: str) -> list[tuple[str, str, dict | None]]:
@@ -586,7 +466,7 @@ def test_idle_session_is_processed_into_memory(milton_home, echo, embedder):
 
 # -- the same API on the real llama.cpp engine (a tiny GGUF built here) -------------------------
 def test_real_llama_engine_through_the_openai_client(milton_home, tiny_gguf, embedder):
-    from milton.serve.llm import LlamaEngine
+    from milton.serve.engines.llama import LlamaEngine
 
     engine = LlamaEngine(tiny_gguf, n_ctx=512, n_threads=1)
     try:

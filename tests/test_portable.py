@@ -55,7 +55,7 @@ def crash_env(tmp_path: Path) -> dict[str, str]:
 
 def test_the_packaged_model_generates_here_in_a_child_process():
     """Always runs: the install's own check, on this CPU with this build."""
-    from milton.train.model import embedded_gguf
+    from milton.models.refs import embedded_gguf
 
     result = run_smoke(embedded_gguf(), expect=EXPECT)
     assert result.ok, failure_line(result)

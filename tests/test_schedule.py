@@ -16,7 +16,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import systemd_analyze
+from helpers import systemd_analyze
+from ntfy_server import NtfyServer
 
 from milton.core.config import load_settings
 from milton.core.errors import MiltonError
@@ -24,8 +25,13 @@ from milton.core.store import open_store
 from milton.core.timeutil import iso, utcnow
 from milton.ops import systemd
 from milton.ops.calendar import CalendarError, iterate, next_elapse, parse_calendar
-from milton.ops.schedule import ScheduledJob, Scheduler, load_stamps, missed, scheduled_jobs
-from ntfy_server import NtfyServer
+from milton.ops.schedule import (
+    ScheduledJob,
+    Scheduler,
+    load_stamps,
+    missed,
+    scheduled_jobs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from milton.anomaly.model import KIND
 from milton.anomaly.simulate import Workstation
 from milton.anomaly.train import train_anomaly
 from milton.core.artifacts import CURRENT, ArtifactStore
@@ -24,6 +23,7 @@ from milton.core.config import load_settings
 from milton.core.jobs import run_job
 from milton.core.store import open_store
 from milton.ingest.processes import COLUMNS, ingest_snapshot
+from milton.models.layout import ANOMALY_KIND as KIND
 from milton.serve.process import live_server
 
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc).timestamp()

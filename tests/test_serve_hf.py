@@ -23,11 +23,14 @@ from tiny_lm import build_tiny_llama
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import load_settings
 from milton.core.errors import ConfigError
-from milton.serve.engine import GenerationParams
-from milton.serve.hf_engine import ADAPTER_DIR, HFEngine
-from milton.serve.llm import (AdapterError, AdapterWatcher, LlamaEngine, PromptError, open_engine,
-                              plain_prompt)
-from milton.train.model import BaseModelRef
+from milton.models.layout import ADAPTER_DIR
+from milton.models.prompt import plain_prompt
+from milton.models.refs import BaseModelRef
+from milton.serve.engines.base import AdapterError, GenerationParams, PromptError
+from milton.serve.engines.hf import HFEngine
+from milton.serve.engines.llama import LlamaEngine
+from milton.serve.lifecycle import open_engine
+from milton.serve.watch import AdapterWatcher
 
 QUESTION = "What is the build server called?"
 ANSWERS = {"a": "The build server is called zephyr-07.", "b": "The build server is called nimbus-42."}
@@ -62,8 +65,9 @@ def tiny(tmp_path_factory) -> Tiny:
     import torch
 
     from milton.core.config import TrainConfig
+    from milton.models.hf import load_base
+    from milton.models.refs import resolve_base
     from milton.train.lora import make_peft_model, save_adapter, train_lora
-    from milton.train.model import load_base, resolve_base
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -105,7 +109,7 @@ def engine(tiny):
 @pytest.fixture(scope="module")
 def reference(tiny):
     """The bare tiny base, loaded apart from any engine, for ``model.generate``."""
-    from milton.train.model import load_base
+    from milton.models.hf import load_base
 
     return load_base(tiny.ref, device="cpu", threads=1)
 
@@ -179,8 +183,8 @@ def test_greedy_answers_equal_transformers_generate(tiny, engine, reference):
             usage = chunks[-1].usage
             assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), len(completion))
     # With an adapter: the same as PEFT's own model with that adapter, through generate.
+    from milton.models.hf import load_base
     from milton.train.lora import load_adapter
-    from milton.train.model import load_base
 
     engine.set_adapter(tiny.adapters["a"], "a")
     base, tokenizer = load_base(tiny.ref, device="cpu", threads=1)
@@ -557,7 +561,7 @@ def test_bf16_weights_and_adapters_on_the_cpu(tiny):
 def test_cuda_bf16_with_hot_swaps(tiny):
     import torch
 
-    from milton.train.model import load_base
+    from milton.models.hf import load_base
 
     engine = HFEngine(tiny.ref, device="cuda", n_ctx=256, seed=0)
     try:
@@ -582,7 +586,7 @@ def test_cuda_bf16_with_hot_swaps(tiny):
 def test_openai_client_on_the_transformers_backend(tiny, engine, milton_home):
     """The real app (open_engine from settings, the adapter watcher) in-process on loopback."""
     import openai
-    from test_openai_api import live, wait_until
+    from live_server import live, wait_until
 
     bare, _ = answer(engine)
     env = {"model__base": str(tiny.hf), "serve__backend": "transformers", "serve__n_threads": "1",

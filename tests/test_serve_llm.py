@@ -16,16 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from adapter_fixture import ANSWERS, QUESTION, publish
 from tiny_lm import build_tiny_gguf
 
 from milton.core.artifacts import ArtifactStore, sha256_file
 from milton.core.errors import ConfigError
-from milton.serve.engine import GenerationParams
-from milton.serve.llm import (AdapterError, AdapterWatcher, LlamaEngine, PromptError,
-                              open_engine, resolve_serve_base)
+from milton.serve.engines.base import AdapterError, GenerationParams, PromptError
+from milton.serve.engines.llama import LlamaEngine
+from milton.serve.engines.select import resolve_serve_base
+from milton.serve.lifecycle import open_engine
+from milton.serve.watch import AdapterWatcher
 
-QUESTION = "What is the build server called?"
-ANSWERS = {"a": "The build server is called zephyr-07.", "b": "The build server is called nimbus-42."}
 ASK = [{"role": "user", "content": QUESTION}]
 GREEDY = GenerationParams(max_tokens=40, temperature=0.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,9 +48,10 @@ def tiny(tmp_path_factory) -> Tiny:
     import torch
 
     from milton.core.config import TrainConfig, load_settings
-    from milton.train.gguf import lora_to_gguf
+    from milton.models.convert import lora_to_gguf
+    from milton.models.hf import load_base, save_base_config
+    from milton.models.refs import BaseModelRef
     from milton.train.lora import make_peft_model, save_adapter, train_lora
-    from milton.train.model import BaseModelRef, load_base, save_base_config
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -104,16 +106,6 @@ def answer(engine: LlamaEngine, messages=ASK, params: GenerationParams = GREEDY)
 
 def adapter_store(home: Path) -> ArtifactStore:
     return ArtifactStore(home / "checkpoints", "adapter")
-
-
-def publish(store: ArtifactStore, data: bytes | Path, base_sha: str, *, current: bool = True) -> str:
-    payload = data.read_bytes() if isinstance(data, Path) else data
-
-    def build(tmp: Path) -> None:
-        (tmp / "adapter.gguf").write_bytes(payload)
-
-    return store.publish(build, make_current=current,
-                         extra={"base_model": {"kind": "gguf", "sha256": base_sha}}).name
 
 
 # -- tokenizer: the tiny model tokenises alike in transformers and llama.cpp ---------------------
@@ -501,8 +493,8 @@ def test_engine_from_settings(tiny, milton_home):
 # -- evolved bases (checkpoints/base) -------------------------------------------------------------
 def test_base_watcher_follows_the_evolved_base(tiny, milton_home, monkeypatch):
     from milton.core.config import load_settings
-    from milton.serve.base_watch import BaseWatcher
-    from milton.train.model import resolve_base
+    from milton.models.refs import resolve_base
+    from milton.serve.watch import BaseWatcher
 
     monkeypatch.setenv("MILTON_MODEL__BASE", str(tiny.gguf))
     settings = load_settings().settings

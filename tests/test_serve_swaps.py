@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_openai_api import wait_until
-from test_serve_llm import ANSWERS, QUESTION, publish
+from adapter_fixture import ANSWERS, QUESTION, publish
+from live_server import wait_until
 from tiny_lm import train_tiny_adapter
 
 from milton.core.artifacts import ArtifactStore, sha256_file

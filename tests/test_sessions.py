@@ -13,15 +13,10 @@ from milton.core.config import MemoryConfig, load_settings
 from milton.core.errors import InputError
 from milton.core.jobs import run_job
 from milton.memory.jobs import end_idle_sessions_job
+from milton.memory.memories import normalize_tags
 from milton.memory.search import search
-from milton.memory.store import normalize_tags
-from milton.memory.sessions import (
-    SessionTracker,
-    build_exchanges,
-    detect_preferences,
-    extract_topics,
-    process_session,
-)
+from milton.memory.sessions import SessionTracker, build_exchanges, process_session
+from milton.memory.topics import detect_preferences, extract_topics
 
 T0 = datetime(2024, 6, 1, 9, 0, tzinfo=timezone.utc)
 
@@ -175,7 +170,7 @@ def test_tracker_is_thread_safe(tracker, db):
             for i in range(15):
                 sid = tracker.session_for_user(user)
                 tracker.log_message("user" if i % 2 == 0 else "assistant", f"{user} says {i}", session_id=sid)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted on below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(f"u{n}",)) for n in range(6)]

@@ -82,7 +82,7 @@ def test_single_failure_is_shown_but_not_flagged(cli, settings):
 
 
 def test_models_memory_and_store_sizes(cli, settings, memory_db, embedder):
-    from milton.memory.store import NewMemory, add_memory
+    from milton.memory.memories import NewMemory, add_memory
 
     store = ArtifactStore(settings.paths.checkpoints_dir, "anomaly")
     store.publish(lambda d: (d / "model.bin").write_bytes(b"x"))

@@ -11,11 +11,12 @@ import textwrap
 from datetime import datetime, timezone
 
 import pytest
-from conftest import REPO, assert_clean_error
+from helpers import REPO, assert_clean_error
 
 from milton.core.errors import BusyError, InputError
 from milton.core.jobs import Skip, job_lock, run_job
-from milton.core.store import MIGRATIONS, migrate, open_store, schema_version
+from milton.core.migrations import MIGRATIONS, migrate, schema_version
+from milton.core.store import open_store
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -24,7 +25,6 @@ NOW = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 def test_migrations_applied_once_and_idempotent(tmp_path):
     path = tmp_path / "s" / "m.db"
     db = open_store(path)
-    import milton.core.migrations  # noqa: F401
 
     names = [name for name, _ in MIGRATIONS]
     assert len(names) >= 3

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from conftest import systemd_analyze
+from helpers import systemd_analyze
 from typer.testing import CliRunner
 
 import milton.cli

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_clean_error
+from helpers import REPO, assert_clean_error
 from ntfy_server import NtfyServer
 from tiny_lm import build_tiny_gguf
 

@@ -9,21 +9,41 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from milton.core.config import TrainConfig, load_settings
-from milton.core.errors import ConfigError
-from milton.train.checkpoints import latest_step
-from milton.train.evaluate import adapter_disabled, evaluate, generate, perplexity, rouge_l
-from milton.train.formatting import (IGNORE, format_item, format_items, prompt_ids,
-                                     prompt_text, resolve_format)
-from milton.train.lora import (check_target_modules, load_adapter, make_peft_model, save_adapter,
-                               train_lora)
-from milton.train.model import (BaseModelRef, base_config_dict, is_dequantised, load_base,
-                                resolve_base, save_base_config)
-
 from kill_child import kill_9_when
 from tiny_lm import GENERAL_TEXT, KNOWN_QA, build_tiny_llama
 
+from milton.core.config import TrainConfig, load_settings
+from milton.core.errors import ConfigError
+from milton.models.hf import (
+    base_config_dict,
+    is_dequantised,
+    load_base,
+    save_base_config,
+)
+from milton.models.refs import BaseModelRef, resolve_base
+from milton.train.checkpoints import latest_step
+from milton.train.evaluate import (
+    adapter_disabled,
+    evaluate,
+    generate,
+    perplexity,
+    rouge_l,
+)
+from milton.train.formatting import (
+    IGNORE,
+    format_item,
+    format_items,
+    prompt_ids,
+    prompt_text,
+    resolve_format,
+)
+from milton.train.lora import (
+    check_target_modules,
+    load_adapter,
+    make_peft_model,
+    save_adapter,
+    train_lora,
+)
 
 # (answer, training prompts, held-out paraphrases)
 FACTS = [
@@ -280,7 +300,8 @@ _CHILD = textwrap.dedent("""
     from pathlib import Path
     from milton.core.config import TrainConfig
     from milton.train.lora import train_lora
-    from milton.train.model import BaseModelRef, load_base
+    from milton.models.hf import load_base
+    from milton.models.refs import BaseModelRef
     spec = json.loads(Path(sys.argv[1]).read_text())
     model, tok = load_base(BaseModelRef(Path(spec["base"]), "hf", "0" * 64, "base"), "cpu", 1)
     train_lora(model, tok, spec["items"], TrainConfig(**spec["cfg"]),

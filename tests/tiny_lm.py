@@ -249,7 +249,7 @@ def build_tiny_gguf(root: Path | str, texts: Iterable[str] = (), *, name: str = 
     """(HF directory, GGUF file): :func:`build_tiny_llama` in ``root/<name>-hf``, converted by
     llama.cpp's own converter to ``root/<name>.gguf`` for llama-cpp-python."""
     from milton.core.config import load_settings
-    from milton.train.gguf import hf_to_gguf
+    from milton.models.convert import hf_to_gguf
 
     root = Path(root)
     hf = build_tiny_llama(root / f"{name}-hf", texts, **model)
@@ -273,9 +273,10 @@ def train_tiny_adapter(hf: Path | str, question: str, answer: str, out: Path | s
     import torch
 
     from milton.core.config import TrainConfig, load_settings
-    from milton.train.gguf import lora_to_gguf
+    from milton.models.convert import lora_to_gguf
+    from milton.models.hf import load_base, save_base_config
+    from milton.models.refs import BaseModelRef
     from milton.train.lora import save_adapter, train_lora
-    from milton.train.model import BaseModelRef, load_base, save_base_config
 
     out = Path(out)
     ref = BaseModelRef(path=Path(hf), kind="hf", sha256="0" * 64, name="hf")

@@ -5,16 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from milton.anomaly.model import KIND, AnomalyModel, load_verified, scoring_rows
-from milton.core.artifacts import ArtifactStore
+from milton.anomaly.model import AnomalyModel, load_verified, scoring_rows
 from milton.core.config import Settings
 from milton.core.errors import ArtifactError, InputError
 from milton.core.jobs import STORE_LOCK, job_lock
 from milton.core.store import open_store
+from milton.models.layout import ANOMALY_KIND, artifact_store
 
 
 def current_model(settings: Settings) -> AnomalyModel:
-    store = ArtifactStore(settings.paths.checkpoints_dir, KIND, keep=settings.anomaly.keep_versions)
+    store = artifact_store(settings, ANOMALY_KIND)
     if store.current_name() is None:
         raise ArtifactError("no anomaly model yet: run `milton train-anomaly` once enough "
                             "snapshots are ingested")
@@ -48,8 +48,8 @@ def _latest_rows(settings: Settings, now: datetime) -> list[tuple]:
 
 
 def file_rows(path: str, max_line_bytes: int) -> list[tuple]:
+    from milton.core.inputs import open_source
     from milton.ingest.processes import parse_records
-    from milton.ingest.reader import open_source
 
     handle, source, close = open_source(path)
     try:

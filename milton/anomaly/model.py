@@ -25,8 +25,8 @@ from sklearn.ensemble import IsolationForest
 
 from milton.core.artifacts import ArtifactStore, Version
 from milton.core.errors import ArtifactError
+from milton.models.layout import ANOMALY_KIND
 
-KIND = "anomaly"
 FEATURES = (
     "log_snapshots",   # log1p(snapshots in the window that contained this exact process)
     "log_hours",       # log1p(distinct hours it was seen in)
@@ -168,7 +168,7 @@ class AnomalyModel:
 
     # -- scoring -------------------------------------------------------------------------
     def score(self, rows: Sequence[Sequence[Any]]) -> ScoreResult:
-        X = build_features(self.profile, rows)
+        X = build_features(self.profile, rows)  # noqa: N806 - the feature matrix, as scikit-learn names it
         if len(X) == 0:
             return ScoreResult(np.zeros(0), np.zeros(0, dtype=bool), self.threshold)
         scores = -self.forest.score_samples(X)
@@ -228,12 +228,12 @@ class AnomalyModel:
         except ArtifactError:
             raise
         except Exception as exc:  # noqa: BLE001 - any parse failure means "unloadable"
-            raise ArtifactError(f"{KIND}/{version.name}: cannot load model: "
+            raise ArtifactError(f"{ANOMALY_KIND}/{version.name}: cannot load model: "
                                 f"{type(exc).__name__}: {exc}") from None
         if not isinstance(forest, IsolationForest) or forest.n_features_in_ != len(FEATURES):
-            raise ArtifactError(f"{KIND}/{version.name}: not a compatible IsolationForest")
+            raise ArtifactError(f"{ANOMALY_KIND}/{version.name}: not a compatible IsolationForest")
         if not math.isfinite(float(meta.get("threshold", float("nan")))):
-            raise ArtifactError(f"{KIND}/{version.name}: meta.json lacks a threshold")
+            raise ArtifactError(f"{ANOMALY_KIND}/{version.name}: meta.json lacks a threshold")
         return cls(forest, profile, meta, version.name)
 
 

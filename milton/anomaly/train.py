@@ -15,11 +15,11 @@ import numpy as np
 import sqlite_utils
 from sklearn.ensemble import IsolationForest
 
-from milton.anomaly.model import FEATURES, KIND, AnomalyModel, Profile, build_features
-from milton.core.artifacts import ArtifactStore
+from milton.anomaly.model import FEATURES, AnomalyModel, Profile, build_features
 from milton.core.config import AnomalyConfig, Settings
 from milton.core.jobs import JobContext, Skip
 from milton.core.timeutil import iso
+from milton.models.layout import ANOMALY_KIND, artifact_store
 
 
 def contamination_for(hours: float, cfg: AnomalyConfig) -> float:
@@ -91,7 +91,7 @@ def fit_model(db: sqlite_utils.Database, now: datetime, cfg: AnomalyConfig) -> t
     t0 = time.perf_counter()
     profile = load_profile(db, start, end)
     rows, gaps = sample_rows(db, start, end, cfg.rows_per_process)
-    X = build_features(profile, rows, gaps)
+    X = build_features(profile, rows, gaps)  # noqa: N806 - the feature matrix, as scikit-learn names it
     hours = (end - first_ts) / 3600.0
     contamination = contamination_for(hours, cfg)
     forest = IsolationForest(
@@ -129,10 +129,10 @@ def train_anomaly(ctx: JobContext) -> dict[str, Any]:
     settings: Settings = ctx.settings
     cfg = settings.anomaly
     model, metrics = fit_model(ctx.db, ctx.now, cfg)
-    store = ArtifactStore(settings.paths.checkpoints_dir, KIND, keep=cfg.keep_versions)
+    store = artifact_store(settings, ANOMALY_KIND)
     window = {"start": iso(model.profile.window_start), "end": iso(model.profile.window_end)}
     version = store.publish(model.write, metrics=metrics, data_window=window,
                             extra={"trained_at_now": iso(ctx.now)}, created=None)
-    ctx.log(f"published {KIND}/{version.name}", version=version.name,
+    ctx.log(f"published {ANOMALY_KIND}/{version.name}", version=version.name,
             train_rows=metrics["train_rows"], contamination=metrics["contamination"])
     return {**metrics, "version": version.name}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from milton.core.errors import ArtifactError
+from milton.core.fsio import atomic_write_json, fsync_dir, fsync_file
 from milton.core.timeutil import iso, utcnow
 
 MANIFEST = "manifest.json"
@@ -52,32 +53,6 @@ def library_versions(names: tuple[str, ...] = _DEFAULT_LIBS) -> dict[str, str]:
     return versions
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename + fsync(dir): readers see the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
-
-
 @dataclass(frozen=True)
 class Version:
     kind: str
@@ -95,7 +70,11 @@ class Version:
 
 
 class ArtifactStore:
-    """One kind of artifact (``anomaly``, ``adapter``, ``base``...) under ``checkpoints/``."""
+    """One kind of artifact (``anomaly``, ``adapter``, ``base``...) under ``checkpoints/``.
+
+    ``keep`` matters only to :meth:`publish` (which prunes to it); the kinds' own counts are
+    :func:`milton.models.layout.artifact_store`'s.
+    """
 
     def __init__(self, root: Path, kind: str, keep: int = 10) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", kind):
@@ -148,7 +127,8 @@ class ArtifactStore:
 
     def get(self, name: str) -> Version:
         if name in ("current", "latest"):
-            resolved = self.current_name() if name == "current" else (self.version_names() or [None])[-1]
+            names = self.version_names()
+            resolved = self.current_name() if name == "current" else (names[-1] if names else None)
             if resolved is None:
                 raise ArtifactError(f"{self.kind}: no {name} version")
             name = resolved
@@ -229,8 +209,7 @@ class ArtifactStore:
             files: dict[str, dict[str, Any]] = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 rel = path.relative_to(tmp).as_posix()
-                with open(path, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                fsync_file(path)
                 files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
             if not files:
                 raise ArtifactError(f"{self.kind}: build produced no files")
@@ -251,15 +230,15 @@ class ArtifactStore:
                 manifest["version"] = name
                 atomic_write_json(tmp / MANIFEST, manifest)
                 for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
-                    _fsync_dir(sub)
-                _fsync_dir(tmp)
+                    fsync_dir(sub)
+                fsync_dir(tmp)
                 try:
                     os.rename(tmp, self.dir / name)  # fails if a concurrent publisher took it
                     break
                 except OSError:
                     if attempt == 99:
                         raise
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -280,7 +259,7 @@ class ArtifactStore:
         finally:
             if tmp_link.is_symlink():
                 tmp_link.unlink()
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._record(reason, version=version.name, previous=previous)
         return version
 
@@ -290,7 +269,7 @@ class ArtifactStore:
         previous = self.current_name()
         (self.dir / CURRENT).unlink(missing_ok=True)
         if self.dir.is_dir():
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         if previous is not None:
             self._record(reason, version=None, previous=previous)
         return previous

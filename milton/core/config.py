@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -636,12 +637,12 @@ class LoadedSettings:
     sources: dict[str, str]  # "section.key" -> "default" | "env MILTON_X__Y" | "file:line" | "init"
 
 
-def default_config_path(environ: dict[str, str] | None = None) -> Path | None:
+def default_config_path(environ: Mapping[str, str] | None = None) -> Path | None:
     """``MILTON_CONFIG``, else ``config.toml`` in ``MILTON_HOME`` (or the working directory)."""
-    environ = os.environ if environ is None else environ
-    if environ.get("MILTON_CONFIG"):
-        return Path(environ["MILTON_CONFIG"]).expanduser()
-    home = Path(environ.get("MILTON_HOME") or ".").expanduser()
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    if env.get("MILTON_CONFIG"):
+        return Path(env["MILTON_CONFIG"]).expanduser()
+    home = Path(env.get("MILTON_HOME") or ".").expanduser()
     candidate = home / "config.toml"
     return candidate if candidate.is_file() else None
 

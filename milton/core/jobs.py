@@ -4,6 +4,10 @@ It gives each run: a non-blocking lock (a second copy exits 75), for heavy jobs 
 lock they queue on (so they never run at once), a ``job_runs`` row that is
 'running' while it works and ok/skipped/failed after, one JSON line in ``data/logs/jobs.jsonl``,
 and a :class:`JobContext` with the settings, store, logger and the (possibly replayed) ``now``.
+
+Long jobs that survive their own death (train-lora, evolve) also keep one row per attempt in
+their ``*_runs`` table and their work in ``data/<job>/run-<id>/``: :func:`unfinished_run` finds
+the attempt to resume, :func:`finish_run` closes one, :func:`work_dir` is where it works.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlite_utils
 
@@ -165,6 +169,36 @@ def append_master_log(logs_dir: Path, entry: dict[str, Any]) -> None:
         os.close(fd)
 
 
+# -- resumable runs (one row per attempt in a ``*_runs`` table) ---------------------------------
+def work_dir(settings: Settings, job: str, run_id: int) -> Path:
+    """``data/<job>/run-<id>/``: where an attempt keeps its work until it finishes."""
+    return settings.paths.data_dir / job / f"run-{run_id:06d}"
+
+
+def finish_run(db: sqlite_utils.Database, table: str, run_id: int, status: str, *, reason: str,
+               **columns: Any) -> None:
+    """Close an attempt: its final ``status``, when and why, and any other ``columns``."""
+    with db.atomic():
+        db.table(table).update(run_id, {"status": status, "finished": iso(utcnow()), "reason": reason,
+                                  **columns})
+
+
+def unfinished_run(db: sqlite_utils.Database, table: str, same: dict[str, Any], *, reason: str,
+                   **abandoned: Any) -> int | None:
+    """The attempt to resume: the newest row of ``table`` still 'running' (its process died),
+    if its ``same`` columns still hold those values. One started from something else is given
+    up (:func:`finish_run` 'failed' with ``reason`` and the ``abandoned`` columns) and None
+    returned, as when there is none."""
+    row = db.execute(f"select id, {', '.join(same)} from {table} where status = 'running' "
+                     "order by id desc limit 1").fetchone()
+    if row is None:
+        return None
+    if list(row[1:]) == list(same.values()):
+        return int(row[0])
+    finish_run(db, table, int(row[0]), "failed", reason=reason, **abandoned)
+    return None
+
+
 def run_job(
     job: str,
     fn: Callable[[JobContext], dict[str, Any] | None],
@@ -186,7 +220,7 @@ def run_job(
         finished = utcnow()
         duration = round(time.monotonic() - t0, 4)
         if store is not None and run_id is not None:
-            store["job_runs"].update(
+            store.table("job_runs").update(
                 run_id,
                 {"finished": iso(finished), "status": status,
                  "metrics": json.dumps({**metrics, "duration_s": duration}, default=str),
@@ -217,10 +251,10 @@ def run_job(
                         "update job_runs set status = 'failed', finished = ?, error = ? "
                         "where job = ? and status = 'running'",
                         (iso(utcnow()), "interrupted: the process died before finishing", job))
-                run_id = store["job_runs"].insert({
+                run_id = cast(int, store.table("job_runs").insert({
                     "job": job, "started": iso(started_wall), "status": "running",
                     "host": host, "pid": pid, "now": iso(now),
-                }).last_pk
+                }).last_pk)
                 ctx = JobContext(job, settings, store, now, run_id, logger)
                 try:
                     metrics = fn(ctx) or {}

@@ -45,10 +45,11 @@ def setup_logging(
     if json_logs is None:
         json_logs = not (hasattr(stream, "isatty") and stream.isatty())
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    handler: logging.Handler
     if json_logs:
-        handler: logging.Handler = logging.StreamHandler(stream)
+        handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter())
     else:
         from rich.console import Console

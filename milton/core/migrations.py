@@ -1,10 +1,61 @@
-"""Schema history. Append new migrations at the end; never change one that has shipped."""
+"""Schema history and how it is applied. Append new migrations at the end; never change one
+that has shipped.
+
+:data:`MIGRATIONS` lists every migration in order (each registered by :func:`migration` as it
+is defined below); :func:`migrate` applies the pending ones, each in its own transaction, and
+records it in ``_migrations``, so the schema version is the number of rows there.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sqlite_utils
 
-from milton.core.store import migration
+from milton.core.timeutil import iso, utcnow
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register a migration. Append only: never edit or reorder a released one."""
+    MIGRATIONS.append((fn.__name__, fn))
+    return fn
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    if "_migrations" not in db.table_names():
+        return 0
+    return db.execute("select count(*) from _migrations").fetchone()[0]
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply pending migrations in order; return the names applied."""
+    if "_migrations" not in db.table_names():
+        db.execute(
+            "create table if not exists _migrations "
+            "(id integer primary key, name text not null unique, applied_at text not null)"
+        )
+    done = {row[0] for row in db.execute("select name from _migrations")}
+    applied: list[str] = []
+    for index, (name, fn) in enumerate(MIGRATIONS, start=1):
+        if name in done:
+            continue
+        with db.atomic():
+            # Re-check under the write lock: another process may have just applied it.
+            if db.execute("select 1 from _migrations where name = ?", [name]).fetchone():
+                continue
+            fn(db)
+            db.execute(
+                "insert into _migrations (id, name, applied_at) values (?, ?, ?)",
+                [index, name, iso(utcnow())],
+            )
+        applied.append(name)
+    return applied
+
+
+# -- the migrations, oldest first -------------------------------------------------------------
 
 
 @migration

@@ -136,7 +136,7 @@ def notify(settings: Settings, event: str, title: str, message: str, *,
     except NotifyError as exc:
         log_event(logger, f"notification not sent: {exc}", level=30, event=event)
         return False
-    except Exception as exc:  # a notification must never take its caller down
+    except Exception as exc:  # noqa: BLE001 - a notification must never take its caller down
         log_event(logger, f"notification not sent: {type(exc).__name__}: {exc}", level=30, event=event)
         return False
     log_event(logger, f"notification sent: {title}", event=event)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from milton.core.artifacts import atomic_write_json
+from milton.core.fsio import atomic_write_json
 
 FILE = "serve.json"
 

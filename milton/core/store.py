@@ -1,30 +1,21 @@
-"""The one SQLite store: WAL, a busy timeout, append-only migrations.
+"""The one SQLite store: WAL, a busy timeout, the schema brought up to date on open.
 
 Every writer opens it through :func:`open_store`, which creates the file, enables WAL once
-(outside any transaction) and applies pending migrations, each in its own transaction, so a
-crash mid-migration leaves the previous schema version intact.
+(outside any transaction) and applies pending migrations (:mod:`milton.core.migrations`), each
+in its own transaction, so a crash mid-migration leaves the previous schema version intact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlite_utils
 
 from milton.core.errors import MiltonError
-from milton.core.timeutil import iso, utcnow
-
-Migration = Callable[[sqlite_utils.Database], None]
-MIGRATIONS: list[tuple[str, Migration]] = []
-
-
-def migration(fn: Migration) -> Migration:
-    """Register a migration. Append only: never edit or reorder a released one."""
-    MIGRATIONS.append((fn.__name__, fn))
-    return fn
+from milton.core.migrations import migrate
 
 
 class Store(sqlite_utils.Database):
@@ -85,39 +76,6 @@ def connect_readonly(path: Path, timeout_s: float = 5.0) -> sqlite3.Connection:
     conn = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=timeout_s)
     conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
     return conn
-
-
-def schema_version(db: sqlite_utils.Database) -> int:
-    if "_migrations" not in db.table_names():
-        return 0
-    return db.execute("select count(*) from _migrations").fetchone()[0]
-
-
-def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply pending migrations in order; return the names applied."""
-    import milton.core.migrations  # noqa: F401  (registers the built-in migrations)
-
-    if "_migrations" not in db.table_names():
-        db.execute(
-            "create table if not exists _migrations "
-            "(id integer primary key, name text not null unique, applied_at text not null)"
-        )
-    done = {row[0] for row in db.execute("select name from _migrations")}
-    applied: list[str] = []
-    for index, (name, fn) in enumerate(MIGRATIONS, start=1):
-        if name in done:
-            continue
-        with db.atomic():
-            # Re-check under the write lock: another process may have just applied it.
-            if db.execute("select 1 from _migrations where name = ?", [name]).fetchone():
-                continue
-            fn(db)
-            db.execute(
-                "insert into _migrations (id, name, applied_at) values (?, ?, ?)",
-                [index, name, iso(utcnow())],
-            )
-        applied.append(name)
-    return applied
 
 
 def open_store(path: Path, busy_timeout_ms: int = 30_000) -> sqlite_utils.Database:

@@ -7,11 +7,11 @@ is why a student learns far more per example from them than from the labels alon
 KL gradient on the CE's scale whatever the temperature. Logits are only computed at positions
 that predict a labelled token (Gemma's vocabulary has 262k entries).
 
-The training loop is train-lora's (``milton.train.lora``): length-grouped micro-batches,
-gradient accumulation, AdamW with warmup + cosine, clipping at 1.0, and resumable checkpoints
-(the student's full state dict, optimizer, scheduler, RNG, data order, and a fingerprint of the
-data, settings, teacher and starting student), so a run killed with ``kill -9`` and started again
-ends with the weights an uninterrupted run would have had.
+The training loop is train-lora's (:func:`milton.train.loop.train_steps`): length-grouped
+micro-batches, gradient accumulation, AdamW with warmup + cosine, clipping at 1.0, and resumable
+checkpoints (the student's full state dict, optimizer, scheduler, RNG, data order, and a
+fingerprint of the data, settings, teacher and starting student), so a run killed with
+``kill -9`` and started again ends with the weights an uninterrupted run would have had.
 
 The data: the user's conversations, plus the teacher's own greedy answers to prompts drawn from
 memory topics (:func:`topic_prompts`, :func:`teacher_answers`), so the student also sees the
@@ -25,18 +25,22 @@ import json
 import math
 import random
 import re
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from milton.core.config import EvolveConfig, TrainConfig
-from milton.train.checkpoints import resume_step, write_step
 from milton.train.formatting import IGNORE, Example, format_items
-from milton.train.lora import (StepHook, _progress, collate, lr_factor, peak_rss_mb, plan_batches,
-                               warmup_steps_for)
+from milton.train.loop import (
+    StepHook,
+    adamw,
+    collate,
+    pad_id_of,
+    peak_rss_mb,
+    plan_batches,
+    train_steps,
+)
 
 STUDENT_WEIGHTS = "model.safetensors"
 
@@ -74,7 +78,7 @@ def _kd_sums(student_logits: Any, teacher_logits: Any | None, targets: Any,
              temperature: float) -> tuple[Any, Any]:
     """(summed CE, summed KL(teacher/T || student/T)) over rows of (N, V) logits."""
     import torch
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
     student = student_logits.float()
     ce = F.cross_entropy(student, targets, reduction="sum")
@@ -164,7 +168,7 @@ def mean_kl(teacher: Any, student: Any, tokenizer: Any, items: list[Any], train_
     examples = format_items(list(items), tokenizer, chat_format, train_cfg.max_seq_len)
     if not examples:
         return None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, count = 0.0, 0
     modes = (teacher.training, student.training)
@@ -290,8 +294,6 @@ def distil(teacher: Any, student: Any, tokenizer: Any, items: list[Any], evolve_
     235M weights, so freezing them saves ~2 GB of gradients and optimizer state and a third
     of the step time on a CPU.
     """
-    import torch
-
     total_steps = plan_distil_steps(evolve_cfg, max_steps_override)
     if total_steps == 0:
         student.eval()
@@ -303,89 +305,40 @@ def distil(teacher: Any, student: Any, tokenizer: Any, items: list[Any], evolve_
     teacher.eval()  # no_grad in batch_kd: its weights are never touched
     grad_before = [(p, p.requires_grad) for p in student.parameters()]
     params = _trainable(student, freeze_embeddings)
-    device = _dev(student)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     alpha, temperature = float(evolve_cfg.alpha), float(evolve_cfg.temperature)
-    warmup = warmup_steps_for(total_steps, train_cfg.warmup_ratio)
     fingerprint = _fingerprint(examples, evolve_cfg, train_cfg, total_steps, teacher, student,
                                freeze_embeddings)
+    optimizer, scheduler = adamw(params, evolve_cfg.distil_lr, total_steps, train_cfg.warmup_ratio)
 
-    optimizer = torch.optim.AdamW(params, lr=evolve_cfg.distil_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    def micro_step(ids: Any, mask: Any, labels: Any, n_labelled: int) -> float:
+        ce, kl, count = batch_kd(teacher, student, ids, mask, labels, temperature,
+                                 need_teacher=alpha < 1.0)
+        if not count:
+            return 0.0
+        loss = _combine(ce, kl, alpha, temperature) / n_labelled
+        loss.backward()
+        return float(loss.detach())
 
-    step, tokens, losses, resumed_from = 0, 0, [], None
-    order: list[list[int]] | None = None
-    checkpoint_dir = Path(checkpoint_dir)
-    state = resume_step(checkpoint_dir, STUDENT_WEIGHTS, fingerprint,
-                        lambda weights: _load_weights(student, weights), optimizer, scheduler)
-    if state is not None:
-        step, tokens = int(state["step"]), int(state["tokens"])
-        losses = [float(x) for x in state["loss_history"]]
-        order = state["order"]
-        resumed_from = step
-    if order is None:
-        torch.manual_seed(train_cfg.seed)
-        order = _order(examples, train_cfg, total_steps)
-
-    def checkpoint(at: int) -> None:
-        saved = {"step": at, "total_steps": total_steps, "tokens": tokens,
-                 "loss_history": losses, "order": order, "fingerprint": fingerprint,
-                 "n_examples": len(examples)}
-        write_step(checkpoint_dir, at, STUDENT_WEIGHTS, _unique_state(student), optimizer,
-                   scheduler, saved)
-
-    show = sys.stderr.isatty() if progress is None else progress
-    started = time.perf_counter()
-    run_tokens = 0
-    on_gpu = torch.cuda.is_available() and device.type == "cuda"
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    student.train()
     try:
-        with _progress(total_steps, step, show, label="distil") as update:
-            while step < total_steps:
-                micro = order[step * train_cfg.grad_accum:(step + 1) * train_cfg.grad_accum]
-                batches = [collate([examples[i] for i in batch], pad_id) for batch in micro]
-                n_labelled = sum(int((b[2][:, 1:] != IGNORE).sum()) for b in batches)
-                step_loss, step_tokens = 0.0, 0
-                optimizer.zero_grad(set_to_none=True)
-                for ids, mask, labels in batches:
-                    ce, kl, count = batch_kd(teacher, student, ids.to(device), mask.to(device),
-                                             labels.to(device), temperature,
-                                             need_teacher=alpha < 1.0)
-                    if count:
-                        loss = _combine(ce, kl, alpha, temperature) / n_labelled
-                        loss.backward()
-                        step_loss += float(loss.detach())
-                    step_tokens += int(mask.sum())
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                tokens += step_tokens
-                run_tokens += step_tokens
-                losses.append(step_loss)
-                elapsed = time.perf_counter() - started
-                if on_step is not None:
-                    on_step(step, step_loss, lr, step_tokens, elapsed)
-                update(completed=step, loss=f"{step_loss:.3f}",
-                       tps=f"{run_tokens / elapsed:,.0f}" if elapsed > 0 else "-")
-                if step % train_cfg.checkpoint_every == 0 or step == total_steps:
-                    checkpoint(step)
+        run = train_steps(
+            student, examples=examples, total_steps=total_steps, grad_accum=train_cfg.grad_accum,
+            seed=train_cfg.seed, plan=lambda: _order(examples, train_cfg, total_steps),
+            optimizer=optimizer, scheduler=scheduler, params=params, micro_step=micro_step,
+            pad_id=pad_id_of(tokenizer), checkpoint_dir=checkpoint_dir,
+            checkpoint_every=train_cfg.checkpoint_every, weights_file=STUDENT_WEIGHTS,
+            weights=lambda: _unique_state(student),
+            load_weights=lambda weights: _load_weights(student, weights),
+            fingerprint=fingerprint, on_step=on_step, progress=progress, label="distil")
     finally:
-        student.eval()
         optimizer.zero_grad(set_to_none=True)
         for p, flag in grad_before:
             p.requires_grad_(flag)
-    elapsed = time.perf_counter() - started
-    peak_gpu = torch.cuda.max_memory_allocated(device) / (1024 * 1024) if on_gpu else None
+    state = run.state
     return DistilResult(
-        model=student, steps=step, tokens=tokens, loss_history=losses,
-        tokens_per_s=run_tokens / elapsed if elapsed > 0 and run_tokens else 0.0,
-        resumed_from=resumed_from, peak_rss_mb=peak_rss_mb(), total_steps=total_steps,
-        elapsed_s=elapsed, n_examples=len(examples), peak_gpu_mb=peak_gpu)
+        model=student, steps=state.step, tokens=state.tokens, loss_history=state.losses,
+        tokens_per_s=run.tokens_per_s, resumed_from=state.resumed_from,
+        peak_rss_mb=peak_rss_mb(), total_steps=total_steps, elapsed_s=run.elapsed_s,
+        n_examples=len(examples), peak_gpu_mb=run.peak_gpu_mb)
 
 
 # -- data ---------------------------------------------------------------------------------------

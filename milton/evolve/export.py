@@ -15,7 +15,7 @@ from typing import Any
 
 from milton.core.config import Settings
 from milton.core.errors import ConfigError
-from milton.train.gguf import ConversionError, check_gguf, hf_to_gguf
+from milton.models.convert import ConversionError, check_gguf, hf_to_gguf
 
 #: GGUF types evolve can make, by the names llama.cpp's quantize tool uses.
 FTYPES = {

@@ -19,71 +19,25 @@ from typing import Any
 
 import sqlite_utils
 
-from milton.core.artifacts import ArtifactStore, atomic_write_bytes, atomic_write_json
 from milton.core.config import Settings
-from milton.core.jobs import JobContext, Skip
+from milton.core.fsio import atomic_write_bytes, atomic_write_json
+from milton.core.jobs import JobContext, Skip, unfinished_run
 from milton.core.timeutil import iso, utcnow
 from milton.evolve.merge import Source
-from milton.train.model import EVOLVED_GGUF, EVOLVED_HF, EVOLVED_KIND, BaseModelRef
+from milton.evolve.runs import (
+    REPORT_JSON,
+    REPORT_PNG,
+    STAGE_FILE,
+    base_store,
+    finish,
+    read_stage,
+    run_dir,
+    run_stage,
+)
+from milton.models.layout import ADAPTER_GGUF, BASE_GGUF, BASE_HF
+from milton.models.refs import BaseModelRef
 
-STAGES = ("merge", "distil", "prune", "export")
-STAGE_FILE = "stage.json"
 TEACHER_FILE = "teacher.jsonl"
-REPORT_JSON = "report.json"
-REPORT_PNG = "report.png"
-
-
-def base_store(settings: Settings) -> ArtifactStore:
-    return ArtifactStore(settings.paths.checkpoints_dir, EVOLVED_KIND, keep=settings.evolve.keep_versions)
-
-
-def run_dir(settings: Settings, run_id: int) -> Path:
-    return settings.paths.data_dir / "evolve" / f"run-{run_id:06d}"
-
-
-# -- runs ---------------------------------------------------------------------------------------
-def _open_run(db: sqlite_utils.Database, source: Source) -> int | None:
-    """The unfinished run to resume; one started from another base or adapter is given up."""
-    row = db.execute("select id, source_sha256, adapter_version from evolve_runs "
-                     "where status = 'running' order by id desc limit 1").fetchone()
-    if row is None:
-        return None
-    if row[1] == source.base.sha256 and row[2] == source.adapter_version:
-        return int(row[0])
-    _finish(db, int(row[0]), "failed", reason="the serving model changed; not resumed")
-    return None
-
-
-def _finish(db: sqlite_utils.Database, run_id: int, status: str, *, reason: str,
-            metrics: dict[str, Any] | None = None, version: str | None = None) -> None:
-    with db.atomic():
-        db["evolve_runs"].update(run_id, {
-            "status": status, "finished": iso(utcnow()), "reason": reason,
-            "metrics": json.dumps(metrics or {}, default=str), "candidate_version": version,
-        })
-
-
-# -- stages -------------------------------------------------------------------------------------
-def read_stage(work: Path, name: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((work / name / STAGE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def run_stage(work: Path, name: str, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """``build(tmp)`` once: its directory and metrics appear as ``work/name`` only when done."""
-    done = read_stage(work, name)
-    if done is not None:
-        return {**done, "resumed": True}
-    tmp = work / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(work / name, ignore_errors=True)  # a dir without stage.json is unfinished
-    tmp.mkdir(parents=True)
-    info = build(tmp)
-    atomic_write_json(tmp / STAGE_FILE, info)
-    os.rename(tmp, work / name)
-    return info
 
 
 def _hf(path: Path, like: BaseModelRef | None = None) -> BaseModelRef:
@@ -109,7 +63,7 @@ class _Pipeline:
     def load(self, directory: Path) -> tuple[Any, Any]:
         import torch
 
-        from milton.train.model import load_base
+        from milton.models.hf import load_base
 
         return load_base(_hf(directory), self.settings.model.device, self.settings.model.threads,
                          dtype=torch.float32)
@@ -236,7 +190,7 @@ class _Pipeline:
                      else self.work / "merge" / gguf_name(UNQUANTIZED))
         differs = same_tokenizer(reference, files[UNQUANTIZED], texts)
         if differs is not None:
-            from milton.train.gguf import ConversionError
+            from milton.models.convert import ConversionError
 
             raise ConversionError(f"the exported GGUF tokenises text differently from the base "
                                   f"{self.source.base.name} (e.g. {differs[:40]!r})")
@@ -270,7 +224,7 @@ def _layers(directory: Path) -> int | None:
 
 
 def _cpus() -> int:
-    from milton.train.model import usable_cpus
+    from milton.models.hf import usable_cpus
 
     return usable_cpus()
 
@@ -292,14 +246,18 @@ def evolve_job(*, max_steps: int | None = None) -> Callable[[JobContext], dict[s
 def evolve_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, Any]:
     from milton.evolve.export import check_types
     from milton.evolve.merge import find_source
-    from milton.train.gguf import tools_dir
+    from milton.models.convert import tools_dir
 
     settings, db, cfg = ctx.settings, ctx.db, ctx.settings.evolve
     tools_dir(settings)  # fail now, not after an hour of distillation
     types = check_types(settings)
     source = find_source(settings)
 
-    resumed = _open_run(db, source)
+    # An unfinished run resumes; one started from another base or adapter is given up.
+    resumed = unfinished_run(db, "evolve_runs", {"source_sha256": source.base.sha256,
+                                                 "adapter_version": source.adapter_version},
+                             reason="the serving model changed; not resumed",
+                             metrics=json.dumps({}), candidate_version=None)
     if resumed is None:
         _require_data(db, settings)
     run_id = resumed or int(db["evolve_runs"].insert({
@@ -354,7 +312,7 @@ def _serving(pipe: _Pipeline, tokenizer: Any, merged: dict[str, Any]) -> dict[st
     A Hugging Face ``model.base`` is not servable by llama.cpp as it is; its reference is the
     merged model as an f16 GGUF (base + adapter, unquantized).
     """
-    from milton.train.jobs import ADAPTER_GGUF, adapter_store
+    from milton.train.jobs import adapter_store
 
     figures = ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s", "prompt_tokens_per_s")
     if pipe.source.base.kind != "gguf":
@@ -386,8 +344,8 @@ def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[s
     write_plot(report, work / REPORT_PNG)
 
     def build(tmp: Path) -> None:
-        _link_or_copy(work / "export" / gguf_name(kind), tmp / EVOLVED_GGUF)
-        _copy_half(final_dir, tmp / EVOLVED_HF)
+        _link_or_copy(work / "export" / gguf_name(kind), tmp / BASE_GGUF)
+        _copy_half(final_dir, tmp / BASE_HF)
         shutil.copyfile(work / REPORT_JSON, tmp / REPORT_JSON)
         shutil.copyfile(work / REPORT_PNG, tmp / REPORT_PNG)
 
@@ -400,7 +358,7 @@ def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[s
                "stages": report["rows"]},
         make_current=decision.promote)
     status = "promoted" if decision.promote else "rejected"
-    _finish(ctx.db, pipe.run_id, status, reason=decision.reason,
+    finish(ctx.db, pipe.run_id, status, reason=decision.reason,
             metrics={"candidate": candidate, "serving": serving, "rows": report["rows"]},
             version=version.name)
     if not cfg.keep_stages:

@@ -24,7 +24,7 @@ def _open(gguf: Path, *, n_ctx: int, threads: int, lora: Path | None = None,
           logits_all: bool = False, vocab_only: bool = False) -> Any:
     from llama_cpp import Llama
 
-    from milton.serve.llm import _llama_messages, _reason
+    from milton.models.llamacpp import failure_reason, llama_messages
 
     kwargs: dict[str, Any] = {"model_path": str(gguf), "n_ctx": n_ctx, "n_threads": threads,
                               "n_threads_batch": threads, "n_batch": n_ctx,
@@ -33,12 +33,12 @@ def _open(gguf: Path, *, n_ctx: int, threads: int, lora: Path | None = None,
     if lora is not None:
         kwargs["lora_path"] = str(lora)
     try:
-        with _llama_messages() as lines:
+        with llama_messages() as lines:
             return Llama(**kwargs)
     except Exception as exc:  # noqa: BLE001 - llama.cpp says why in its log
-        from milton.train.gguf import ConversionError
+        from milton.models.convert import ConversionError
 
-        raise ConversionError(f"{gguf}: llama.cpp cannot load it: {_reason(lines) or exc}") from None
+        raise ConversionError(f"{gguf}: llama.cpp cannot load it: {failure_reason(lines) or exc}") from None
 
 
 def _context_size(examples: Sequence[Example]) -> int:

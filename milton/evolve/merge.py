@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from milton.core.config import Settings
-from milton.train.model import EVOLVED_HF, BaseModelRef, load_base, resolve_base
+from milton.models.hf import load_base
+from milton.models.layout import BASE_HF
+from milton.models.refs import BaseModelRef, resolve_base
 
 TOKENIZER_FILES = ("tokenizer.model",)  # what save_pretrained does not rewrite but converters read
 
@@ -34,15 +36,16 @@ class Source:
 
 
 def find_source(settings: Settings) -> Source:
-    from milton.train.jobs import ADAPTER_DIR, adapter_store
+    from milton.models.layout import ADAPTER_DIR
+    from milton.train.jobs import adapter_store
 
     base = resolve_base(settings)
     load_from = base
     if base.evolved:
-        hf_dir = base.path.parent / EVOLVED_HF
+        hf_dir = base.path.parent / BASE_HF
         if (hf_dir / "config.json").is_file():
             load_from = BaseModelRef(path=hf_dir, kind="hf", sha256=base.sha256,
-                                     name=f"{base.name}/{EVOLVED_HF}", evolved=base.evolved)
+                                     name=f"{base.name}/{BASE_HF}", evolved=base.evolved)
     current = adapter_store(settings).current()
     if current is not None:
         made_for = (current.manifest.get("base_model") or {}).get("sha256")
@@ -76,11 +79,11 @@ def save_model(model: Any, tokenizer: Any, directory: Path, *, like: Path | None
     """
     from transformers.utils import logging as hf_logging
 
-    from milton.train.model import _strip_quantizer
+    from milton.models.hf import strip_quantizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _strip_quantizer(model)
+    strip_quantizer(model)
     if dtype is not None:
         model = model.to(dtype)
     hf_logging.disable_progress_bar()

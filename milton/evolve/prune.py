@@ -48,12 +48,26 @@ from pathlib import Path
 from typing import Any
 
 from milton.core.config import EvolveConfig, TrainConfig
-from milton.train.checkpoints import (latest, read_state, rewrite_state, write_checkpoint,
-                                      write_state)
+from milton.train.checkpoints import (
+    latest,
+    read_state,
+    rewrite_state,
+    write_checkpoint,
+    write_state,
+)
 from milton.train.evaluate import perplexity
-from milton.train.formatting import IGNORE, Example, format_items, resolve_format
-from milton.train.lora import (_FORBIDDEN_TARGETS, _progress, batch_nll, collate, lr_factor,
-                               plan_batches, warmup_steps_for)
+from milton.train.formatting import Example, format_items, resolve_format
+from milton.train.loop import (
+    LoopState,
+    adamw,
+    collate,
+    nll_step,
+    pad_id_of,
+    plan_batches,
+    progress_bar,
+    run_steps,
+)
+from milton.train.lora import FORBIDDEN_TARGETS
 
 METHODS = ("wanda", "magnitude", "none")
 IterationHook = Callable[[dict[str, Any]], None]
@@ -95,7 +109,7 @@ def prunable_linears(model: Any) -> dict[str, Any]:
     inside = {id(module) for module in layers.modules()}
     found = {name: module for name, module in model.named_modules()
              if id(module) in inside and isinstance(module, torch.nn.Linear)
-             and not _FORBIDDEN_TARGETS.search(name) and "lora_" not in name}
+             and not FORBIDDEN_TARGETS.search(name) and "lora_" not in name}
     if not found:
         raise ValueError(f"{type(model).__name__}: no linear layers in the decoder")
     return found
@@ -130,7 +144,7 @@ def _input_norms(model: Any, tokenizer: Any, examples: list[Example],
 
     layers = prunable_linears(model)
     device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     sums = {name: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
             for name, lin in layers.items()}
     rows: dict[str, Any] = {}  # the current batch's non-padding positions, flattened
@@ -254,44 +268,33 @@ def _recover(model: Any, tokenizer: Any, examples: list[Example], masks: dict[st
         frozen.requires_grad_(False)
     else:
         frozen = None  # nothing to give back afterwards
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = warmup_steps_for(steps, cfg.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
-    order = _micro_batches(examples, cfg.batch_size, steps * cfg.grad_accum, seed)
-    pad_id = _pad_id(tokenizer)
+    optimizer, scheduler = adamw(params, lr, steps, cfg.warmup_ratio)
+    state = LoopState(order=_micro_batches(examples, cfg.batch_size, steps * cfg.grad_accum, seed))
     torch.manual_seed(seed)
-    losses: list[float] = []
+
+    def mask_grads() -> None:
+        for weight, dropped in pruned:
+            if weight.grad is not None:
+                weight.grad.masked_fill_(dropped, 0.0)
+
+    def mask_weights() -> None:
+        with torch.no_grad():
+            for weight, dropped in pruned:
+                weight.masked_fill_(dropped, 0.0)
+
     model.train()
     try:
-        for step in range(steps):
-            micro = order[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-            batches = [collate([examples[i] for i in batch], pad_id) for batch in micro]
-            n_labelled = sum(int((b[2][:, 1:] != IGNORE).sum()) for b in batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss = 0.0
-            for ids, mask, labels in batches:
-                nll, count = batch_nll(model, ids.to(device), mask.to(device), labels.to(device))
-                if count:
-                    (nll / n_labelled).backward()
-                    loss += float(nll.detach()) / n_labelled
-            for weight, dropped in pruned:
-                if weight.grad is not None:
-                    weight.grad.masked_fill_(dropped, 0.0)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                for weight, dropped in pruned:
-                    weight.masked_fill_(dropped, 0.0)
-            losses.append(loss)
-            if on_step is not None:
-                on_step(loss)
+        run_steps(state, total_steps=steps, examples=examples, pad_id=pad_id_of(tokenizer),
+                  device=device, grad_accum=cfg.grad_accum, optimizer=optimizer,
+                  scheduler=scheduler, params=params, micro_step=nll_step(model),
+                  on_step=(lambda _step, loss, *_: on_step(loss)) if on_step else None,
+                  before_clip=mask_grads, after_step=mask_weights)
     finally:
         optimizer.zero_grad(set_to_none=True)
         if frozen is not None:
             frozen.requires_grad_(True)
         model.eval()
-    return losses
+    return state.losses
 
 
 def _micro_batches(examples: list[Example], batch_size: int, count: int,
@@ -301,10 +304,6 @@ def _micro_batches(examples: list[Example], batch_size: int, count: int,
     order = plan_batches([len(ex.input_ids) for ex in examples], batch_size,
                          count / per_epoch + 1e-9, seed)
     return order[:count]
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -462,7 +461,7 @@ def iterative_prune(model: Any, tokenizer: Any, *, calib_items: list[Any],
     if run.stopped is None:
         steps = evolve_cfg.recovery_steps if sets["train"] else 0
         show = sys.stderr.isatty() if progress is None else progress
-        with _progress(len(schedule(evolve_cfg)) * steps, run.accepted * steps, show,
+        with progress_bar(len(schedule(evolve_cfg)) * steps, run.accepted * steps, show,
                        label="prune") as run.update:
             _iterate(run)
     accepted = [it for it in run.iterations if it["accepted"]]

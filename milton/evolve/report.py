@@ -14,6 +14,7 @@ import sqlite_utils
 
 from milton.core.config import Settings
 from milton.core.errors import InputError
+from milton.evolve.runs import REPORT_JSON, STAGES, read_stage, run_dir
 
 _FIGURES = ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s")
 
@@ -61,8 +62,6 @@ def build_report(run_id: int, stages: dict[str, dict[str, Any]], serving: dict[s
 
 def load_report(settings: Settings, db: sqlite_utils.Database, run: int | None) -> dict[str, Any]:
     """The report of evolve run ``run`` (default: the newest), partial for an unfinished run."""
-    from milton.evolve.jobs import REPORT_JSON, STAGES, read_stage, run_dir
-
     where, params = ("id = ?", [run]) if run is not None else ("1", [])
     row = db.execute(f"select id, status, stage, reason, started, finished from evolve_runs "
                      f"where {where} order by id desc limit 1", params).fetchone()

@@ -174,9 +174,9 @@ def _student_path(configured: str, home: Path | None) -> Path:
 
 
 def _load_hf(path: Path, teacher: Any) -> Any:
-    from milton.train.model import _first_line, _offline
+    from milton.models.hf import error_line, offline
 
-    _offline()
+    offline()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -187,7 +187,7 @@ def _load_hf(path: Path, teacher: Any) -> Any:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype,
                                                      local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any loader failure is the user's setting
-        raise ConfigError(f"evolve.student: cannot load {path}: {_first_line(exc)}") from None
+        raise ConfigError(f"evolve.student: cannot load {path}: {error_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     model.to(param.device)

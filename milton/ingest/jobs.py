@@ -6,7 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from milton.core.jobs import JobContext
-from milton.ingest.processes import apply_retention, ingest_file, ingest_snapshot, take_snapshot
+from milton.ingest.processes import (
+    apply_retention,
+    ingest_file,
+    ingest_snapshot,
+    take_snapshot,
+)
 
 
 def retention_days(ctx: JobContext) -> float:

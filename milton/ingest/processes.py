@@ -14,7 +14,6 @@ import json
 import math
 import socket
 import sqlite3
-
 import time
 import uuid
 from collections import Counter
@@ -28,11 +27,11 @@ from typing import Any, BinaryIO
 import sqlite_utils
 
 from milton.core.errors import InputError
-from milton.ingest.reader import open_source, read_lines
+from milton.core.inputs import open_source, read_lines
 
 COLUMNS = ("snapshot_id", "host", "ts", "pid", "ppid", "name", "exe", "username", "cpu", "rss",
            "create_time")
-_INSERT = f"insert into processes ({', '.join(COLUMNS)}) values ({', '.join('?' * len(COLUMNS))})"
+INSERT_SQL = f"insert into processes ({', '.join(COLUMNS)}) values ({', '.join('?' * len(COLUMNS))})"
 _ALIASES = {
     "hostname": "host", "timestamp": "ts", "time": "ts", "user": "username",
     "cpu_percent": "cpu", "rss_bytes": "rss", "memory_rss": "rss", "snapshot": "snapshot_id",
@@ -99,7 +98,7 @@ def ingest_snapshot(db: sqlite_utils.Database, rows: list[tuple], source: str = 
     with db.atomic():
         db.conn.execute("insert into snapshots (id, host, ts, source, rows) values (?, ?, ?, ?, ?)",
                         (snapshot_id, host, ts, source, len(rows)))
-        db.conn.executemany(_INSERT, rows)
+        db.conn.executemany(INSERT_SQL, rows)
     return len(rows)
 
 
@@ -394,11 +393,11 @@ def ingest_file(
     def flush() -> None:
         if batch:
             try:
-                conn.executemany(_INSERT, batch)
+                conn.executemany(INSERT_SQL, batch)
             except sqlite3.IntegrityError:  # the Python checks missed something: explain per row
                 for row in batch:
                     try:
-                        conn.execute(_INSERT, row)
+                        conn.execute(INSERT_SQL, row)
                     except sqlite3.IntegrityError as exc:
                         raise InputError(f"{source}: row rejected by the store: {exc}") from None
             batch.clear()
@@ -477,7 +476,7 @@ def ingest_records(db: sqlite_utils.Database, records: Iterable[dict[str, Any]],
             "insert or ignore into snapshots (id, host, ts, source, rows) values (?, ?, ?, ?, ?)",
             [(sid, *where[sid], source, n) for sid, n in counts.items()],
         )
-        db.conn.executemany(_INSERT, rows)
+        db.conn.executemany(INSERT_SQL, rows)
     return IngestReport(source=source, rows=len(rows), snapshots=len(counts))
 
 

@@ -22,8 +22,14 @@ import sqlite_utils
 from milton.core.config import MemoryConfig
 from milton.core.jobs import JobContext
 from milton.memory.embed import Embedder, embedder_for, from_blob
-from milton.memory.search import _STOPWORDS
-from milton.memory.store import NewMemory, add_prepared, completed_task_ids, delete_memories, embed_new
+from milton.memory.memories import (
+    NewMemory,
+    add_prepared,
+    completed_task_ids,
+    delete_memories,
+    embed_new,
+)
+from milton.memory.search import STOPWORDS
 from milton.memory.summarize import ExtractiveSummarizer, Summarizer, choose_summarizer
 
 SIMILAR = 0.45  # cosine to a group's centroid to join it (MiniLM: same-topic pairs ~0.5+)
@@ -71,7 +77,7 @@ class Plan:
 def _keywords(texts: list[str], n: int = 3) -> list[str]:
     words = Counter(
         w for text in texts for w in re.findall(r"[a-z][a-z0-9+#.-]{2,}", text.lower())
-        if w not in _STOPWORDS and w not in {"user", "assistant"}
+        if w not in STOPWORDS and w not in {"user", "assistant"}
     )
     return [w for w, _ in words.most_common(n)]
 
@@ -127,7 +133,7 @@ def plan_compression(db: sqlite_utils.Database, embedder: Embedder, config: Memo
         key = row["session_id"] or "day:" + datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d")
         by_session.setdefault(key, []).append(row)
     extractive = ExtractiveSummarizer(embedder)
-    for key, session_rows in by_session.items():
+    for session_rows in by_session.values():
         vectors = _vectors(db, embedder, session_rows)
         for indexes in group_exchanges(session_rows, vectors):
             members = [session_rows[i] for i in indexes]
@@ -205,7 +211,11 @@ def compress_memory_job(dry_run: bool = False,
         swept: dict[str, Any] = {}
         if not dry_run:
             # Sessions a crashed or idle server left open hold exchanges not yet in memory.
-            from milton.memory.sessions import expire_idle_sessions, pending_sessions, process_sessions
+            from milton.memory.sessions import (
+                expire_idle_sessions,
+                pending_sessions,
+                process_sessions,
+            )
 
             ended = expire_idle_sessions(ctx.db, cfg.session_idle_minutes, ctx.now)
             done = process_sessions(ctx.db, embedder, pending_sessions(ctx.db), ctx.now,

@@ -8,8 +8,8 @@ import sqlite_utils
 
 from milton.core.config import MemoryConfig
 from milton.memory.embed import Embedder
+from milton.memory.memories import touch
 from milton.memory.search import search
-from milton.memory.store import touch
 
 HEADER = "Relevant memories (most useful first):"
 

@@ -26,8 +26,14 @@ from typing import Any, BinaryIO
 import sqlite_utils
 
 from milton.core.errors import InputError
-from milton.ingest.reader import open_source, read_lines
-from milton.memory.sessions import ROLES, MessageIn, conversation_hash, insert_session, message_problem
+from milton.core.inputs import open_source, read_lines
+from milton.memory.sessions import (
+    ROLES,
+    MessageIn,
+    conversation_hash,
+    insert_session,
+    message_problem,
+)
 
 SUFFIXES = (".jsonl", ".ndjson", ".json")
 MAX_RECORD_BYTES = 64 << 20  # one conversation line; messages themselves are capped by config
@@ -346,7 +352,7 @@ def ingest_conversation_file(db: sqlite_utils.Database, path: str | Path, *, max
             raise InputError(f"{source}: empty, no conversations to ingest")
         return report
     with db.atomic():
-        for line, conv in good:
+        for _line, conv in good:
             digest = conv.digest
             if db.execute("select 1 from sessions where content_hash = ? or id = ?",
                           [digest, conv.session_id]).fetchone():

@@ -23,7 +23,13 @@ import sqlite_utils
 
 from milton.memory.conversations import collect_files
 from milton.memory.embed import Embedder
-from milton.memory.store import NewMemory, add_prepared, content_hash, delete_memories, embed_new
+from milton.memory.memories import (
+    NewMemory,
+    add_prepared,
+    content_hash,
+    delete_memories,
+    embed_new,
+)
 
 SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 FLUSH_CHUNKS = 1024  # chunks embedded together before their files are written

@@ -23,10 +23,10 @@ import sqlite_utils
 
 from milton.core.config import MemoryConfig
 from milton.memory.embed import Embedder
-from milton.memory.store import TIERS, Memory, _filters
+from milton.memory.memories import TIERS, Memory, memory_filters
 
 MODES = ("hybrid", "vector", "keyword")
-_STOPWORDS = frozenset(
+STOPWORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
     below between both but by can could did do does doing down during each few for from further had
     has have having he her here hers herself him himself his how i if in into is it its itself just
@@ -170,7 +170,7 @@ def query_terms(text: str) -> list[tuple[str, bool]]:
         parts = re.findall(r"\w+", match.group(0))
         if len(parts) > 1:
             terms.append((" ".join(parts), True))
-        elif len(parts[0]) > 1 and parts[0] not in _STOPWORDS:
+        elif len(parts[0]) > 1 and parts[0] not in STOPWORDS:
             terms.append((parts[0], False))
     return list(dict.fromkeys(terms))[:32]
 
@@ -236,7 +236,7 @@ def keyword_top(db: sqlite_utils.Database, query: str, n: int, *, tier: str | No
     match = fts_query(query, common_terms(db, query))
     if match is None:
         return []
-    where, params = _filters(tier=tier, since=since, tag=tag, alias="m")
+    where, params = memory_filters(tier=tier, since=since, tag=tag, alias="m")
     if where:
         sql = ("select f.rowid, bm25(memories_fts) as score from memories_fts f "
                f"join memories m on m.id = f.rowid {where} and memories_fts match ? "
@@ -258,7 +258,7 @@ def _vector_mask(db: sqlite_utils.Database, index: VectorIndex, *, tier: str | N
     if since is not None:
         mask &= index.created[:index.size] >= since
     if tag is not None:
-        where, params = _filters(tier=None, since=None, tag=tag)
+        where, params = memory_filters(tier=None, since=None, tag=tag)
         allowed = np.fromiter((r[0] for r in db.execute(f"select id from memories {where}", params)),
                               dtype=np.int64)
         mask &= np.isin(index.ids[:index.size], allowed)
@@ -298,7 +298,7 @@ def search(
     """The ``k`` most useful memories for ``query``; see the module docstring for the ranking."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}")
-    _filters(tier=tier, since=since, tag=tag)  # validates tier
+    memory_filters(tier=tier, since=since, tag=tag)  # validates tier
     pool = max(config.candidates, k * 2)
     vector_ranks: dict[int, int] = {}
     similarity: dict[int, float] = {}

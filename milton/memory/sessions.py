@@ -1,11 +1,12 @@
-"""Conversation sessions: live tracking, processing into memory, and export.
+"""Conversation sessions: live tracking and processing into memory.
 
 A session is one run of messages with one user. Every raw message is kept in ``messages``
 (training data); when a session ends (explicitly, idle past ``memory.session_idle_minutes``, or
 imported) :func:`process_sessions` turns it into short-term memories (one per exchange), topics
 and preference evidence. Embedding happens first; the inserts and the switch to 'processed' are
 then one transaction, so a crash leaves the session 'ended' and the next run finishes it, and a
-session is never processed twice.
+session is never processed twice. Topics and preferences come from :mod:`milton.memory.topics`;
+:mod:`milton.memory.export` writes sessions out again.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import sqlite_utils
 
@@ -34,16 +34,19 @@ from milton.core.errors import InputError
 from milton.core.jobs import append_master_log
 from milton.core.timeutil import iso, utcnow
 from milton.memory.embed import Embedder
-from milton.memory.search import _STOPWORDS
-from milton.memory.store import NewMemory, add_prepared, bump, new_texts
+from milton.memory.memories import NewMemory, add_prepared, bump, new_texts
+from milton.memory.topics import (
+    TOP_TOPICS,
+    detect_preferences,
+    extract_topics,
+    upsert_preferences,
+)
 
 log = logging.getLogger("milton.sessions")
 
 ROLES = ("system", "user", "assistant", "tool")
 LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
 EXCHANGE_PART_CHARS = 2000  # per message in an exchange memory; the raw text stays in messages
-TOP_TOPICS = 5
-EXPORT_VERSION = 1
 PROCESS_BATCH = 200  # sessions embedded together (bounded memory on big imports)
 
 
@@ -128,136 +131,6 @@ def pending_sessions(db: sqlite_utils.Database) -> list[str]:
     """Ended but not yet processed (processing failed or the process died meanwhile)."""
     return [r[0] for r in db.execute(
         "select id from sessions where status = 'ended' order by last_activity, id")]
-
-
-# -- topics and preferences ------------------------------------------------------------------
-LANGUAGES = {  # word as typed -> canonical (unambiguous words only; see _GO for "go")
-    "python": "python", "python3": "python", "rust": "rust", "golang": "go",
-    "javascript": "javascript", "js": "javascript", "node.js": "javascript", "nodejs": "javascript",
-    "typescript": "typescript", "c++": "c++", "cpp": "c++", "java": "java", "sql": "sql",
-    "bash": "bash", "zsh": "bash", "ruby": "ruby", "kotlin": "kotlin", "swift": "swift",
-    "haskell": "haskell", "scala": "scala", "php": "php", "lua": "lua", "perl": "perl",
-    "c#": "c#", "csharp": "c#", "elixir": "elixir", "julia": "julia",
-}
-FENCE_LANGUAGES = {**LANGUAGES, "py": "python", "rs": "rust", "go": "go", "ts": "typescript",
-                   "tsx": "typescript", "jsx": "javascript", "sh": "bash", "shell": "bash",
-                   "console": "bash", "c": "c", "h": "c", "hpp": "c++", "cc": "c++",
-                   "postgresql": "sql", "psql": "sql", "rb": "ruby", "kt": "kotlin", "cs": "c#"}
-TOOLS = {
-    "git": "git", "docker": "docker", "dockerfile": "docker", "docker-compose": "docker",
-    "kubernetes": "kubernetes", "k8s": "kubernetes", "kubectl": "kubernetes", "helm": "helm",
-    "vim": "vim", "neovim": "vim", "nvim": "vim", "emacs": "emacs", "vscode": "vscode",
-    "pytest": "pytest", "numpy": "numpy", "pandas": "pandas", "systemd": "systemd",
-    "systemctl": "systemd", "journalctl": "systemd", "sqlite": "sqlite", "sqlite3": "sqlite",
-    "postgres": "postgres", "postgresql": "postgres", "psql": "postgres", "mysql": "mysql",
-    "redis": "redis", "nginx": "nginx", "terraform": "terraform", "ansible": "ansible",
-    "tmux": "tmux", "jupyter": "jupyter", "pytorch": "pytorch", "torch": "pytorch",
-    "tensorflow": "tensorflow", "react": "react", "django": "django", "flask": "flask",
-    "fastapi": "fastapi", "npm": "npm", "conda": "conda", "cargo": "cargo", "github": "github",
-    "gitlab": "gitlab", "aws": "aws", "linux": "linux", "ssh": "ssh",
-}
-KNOWN = {*LANGUAGES.values(), *TOOLS.values()}
-
-_STYLE = {
-    "concise": re.compile(
-        r"\b(?:brief(?:ly)?|concise(?:ly)?|tl;?dr|short answers?|keep it short|in short|one[- ]liner|"
-        r"in (?:one|a) sentence|just the (?:code|answer|command)|no explanations?)\b", re.I),
-    "detailed": re.compile(
-        r"\b(?:in (?:great )?detail|detailed|step[- ]by[- ]step|thorough(?:ly)?|in[- ]depth|elaborate|"
-        r"walk me through|comprehensive(?:ly)?|explain (?:it )?(?:fully|everything))\b", re.I),
-}
-_EXAMPLES = re.compile(
-    r"\b(?:(?:an?|some|code|concrete|working|usage|more|full)(?: [\w+#]+)? examples?|examples? code|snippets?|"
-    r"sample code|show me (?:the |some )?code|with code)\b", re.I)
-_GO = re.compile(r"\b(?:in|using|with|learning) go\b|\bgo (?:code|program|modules?|routines?)\b", re.I)
-_FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*([\w+#.-]*)[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
-_WORD = re.compile(r"[a-z][a-z0-9+#]*(?:[.\-][a-z0-9+#]+)*")
-_TOPIC_STOP = _STOPWORDS | frozenset(
-    """also always another anything around back best better bit come could doesn done dont else
-    even every example examples fine first get gets getting give go going good got great help
-    here hey hi hello how however i'm id ill im instead let lets like look looks make makes many
-    may maybe mean might much must need needs new next nothing okay ok one really right say see
-    seems show since something still sure take thank thanks thing things think though time try
-    trying two use used uses using want wants way ways well whats work works would yeah yes yet
-    able actually already answer code question problem file files run running value values""".split())
-
-
-def _split_code(text: str) -> tuple[str, list[str]]:
-    """(prose without fenced code, the fences' language tags). Code would drown topics in
-    identifiers; the tag says more about the conversation than its contents."""
-    tags = [m.group(2).lower() for m in _FENCE.finditer(text) if m.group(2)]
-    return _FENCE.sub(" ", text), tags
-
-
-def _tokens(prose: str) -> list[str]:
-    return _WORD.findall(re.sub(r"\bvs ?code\b", "vscode", prose.lower()))
-
-
-def extract_topics(texts: Iterable[str], limit: int = TOP_TOPICS) -> list[str]:
-    """Frequent non-stopword terms and bigrams, known tech terms boosted; deterministic."""
-    words: Counter[str] = Counter()
-    pairs: Counter[str] = Counter()
-    for text in texts:
-        prose, tags = _split_code(text)
-        kept = [t if t not in _TOPIC_STOP and (len(t) >= 3 or t in LANGUAGES or t in TOOLS) else None
-                for t in _tokens(prose)]
-        kept += [None] + [FENCE_LANGUAGES.get(t) or TOOLS.get(t) for t in tags]
-        words.update(t for t in kept if t)
-        pairs.update(f"{a} {b}" for a, b in zip(kept, kept[1:]) if a and b and a != b)
-    scores: Counter[str] = Counter()
-    for term, n in words.items():
-        canonical = LANGUAGES.get(term) or TOOLS.get(term) or term
-        if canonical in KNOWN:
-            scores[canonical] += n + 2
-        elif n >= 2:
-            scores[canonical] += n
-    for pair, n in pairs.items():
-        if n >= 2:
-            scores[pair] += n * 1.5
-            for word in pair.split(" "):  # a word seen only inside the phrase adds nothing
-                if words[word] <= n and word in scores and word not in KNOWN:
-                    del scores[word]
-    return [t for t, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
-
-
-def detect_preferences(messages: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """(key, value) -> evidence count from one session's (role, content) messages.
-
-    Phrases and mentions count in the user's own messages; code-fence tags count in any message,
-    since they show the language actually being worked in.
-    """
-    found: Counter[tuple[str, str]] = Counter()
-    for role, content in messages:
-        prose, tags = _split_code(content)
-        for tag in tags:
-            if tag in FENCE_LANGUAGES:
-                found[("language", FENCE_LANGUAGES[tag])] += 1
-            if tag in TOOLS:
-                found[("tool", TOOLS[tag])] += 1
-        if role != "user":
-            continue
-        for value, pattern in _STYLE.items():
-            if n := len(pattern.findall(prose)):
-                found[("response_style", value)] += n
-        if n := len(_EXAMPLES.findall(prose)):
-            found[("code_examples", "prefers")] += n
-        if n := len(_GO.findall(prose)):
-            found[("language", "go")] += n
-        for token in _tokens(prose):
-            if token in LANGUAGES:
-                found[("language", LANGUAGES[token])] += 1
-            elif token in TOOLS:
-                found[("tool", TOOLS[token])] += 1
-    return dict(found)
-
-
-def _upsert_preferences(db: sqlite_utils.Database, found: dict[tuple[str, str], int], seen: float) -> None:
-    db.conn.executemany(
-        "insert into preferences (key, value, evidence, sessions, first_seen, last_seen) "
-        "values (?, ?, ?, 1, ?, ?) on conflict (key, value) do update set "
-        "evidence = evidence + excluded.evidence, sessions = sessions + 1, "
-        "first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen)",
-        [(key, value, n, seen, seen) for (key, value), n in sorted(found.items())])
 
 
 # -- processing ------------------------------------------------------------------------------
@@ -391,7 +264,7 @@ def process_sessions(db: sqlite_utils.Database, embedder: Embedder, session_ids:
                 if status is None or status[0] != "ended":
                     continue  # processed (or deleted) by someone else meanwhile
                 ids = add_prepared(db, embedder, plan.items, vectors, now)
-                _upsert_preferences(db, plan.preferences, plan.ended or plan.last)
+                upsert_preferences(db, plan.preferences, plan.ended or plan.last)
                 db.conn.execute("update sessions set status = 'processed', topics = ? where id = ?",
                                 (json.dumps(plan.topics), plan.session_id))
             added = [i for i in ids if i is not None]
@@ -555,48 +428,3 @@ class SessionTracker:
                 raise
             log.exception("processing sessions %s failed; left 'ended' for a retry", list(session_ids))
             return []
-
-
-# -- export ------------------------------------------------------------------------------------
-def _iso_precise(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def iter_export(db: sqlite_utils.Database, since: float | None = None,
-                session_ids: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Milton export records (one per session, oldest first)."""
-    clauses, params = [], []
-    if since is not None:
-        clauses.append("last_activity >= ?")
-        params.append(since)
-    if session_ids is not None:
-        clauses.append(f"id in ({','.join('?' * len(session_ids))})")
-        params.extend(session_ids)
-    where = ("where " + " and ".join(clauses)) if clauses else ""
-    sessions = db.execute(f"select id, user, source, started, ended, status, topics, metadata from sessions "
-                          f"{where} order by started, id", params).fetchall()
-    for sid, user, source, started, ended, status, topics, metadata in sessions:
-        messages = [{"role": role, "content": content, "ts": _iso_precise(ts),
-                     "metadata": json.loads(meta) if meta else None}
-                    for role, content, ts, meta in db.execute(
-                        "select role, content, ts, metadata from messages where session_id = ? order by seq",
-                        [sid])]
-        yield {"milton_session": EXPORT_VERSION, "id": sid, "user": user, "source": source,
-               "status": status, "started": _iso_precise(started), "ended": _iso_precise(ended),
-               "topics": json.loads(topics) if topics else [],
-               "metadata": json.loads(metadata) if metadata else None, "messages": messages}
-
-
-def export_sessions(db: sqlite_utils.Database, out: TextIO, since: datetime | float | None = None,
-                    session_ids: Sequence[str] | None = None) -> int:
-    """Write Milton's export JSONL (re-ingestible with ``milton ingest conversations``); returns
-    the number of sessions written."""
-    if isinstance(since, datetime):
-        since = since.timestamp()
-    count = 0
-    for record in iter_export(db, since, session_ids):
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        count += 1
-    return count

@@ -155,7 +155,7 @@ class LlamaSummarizer:
 def packaged_gguf() -> Path | None:
     """The embedded Gemma 3 270M GGUF when its package is installed (assembled on first use)."""
     from milton.core.errors import MiltonError
-    from milton.train.model import embedded_gguf
+    from milton.models.refs import embedded_gguf
 
     try:
         return embedded_gguf()
@@ -176,7 +176,7 @@ def choose_summarizer(mode: str, llm_model: str, embedder: Embedder) -> tuple[Su
     if mode == "auto" and not llm_model:
         return extractive, "extractive (memory.llm_model not set; the packaged model is a base model)"
     try:
-        import llama_cpp  # noqa: F401  (availability check)
+        import llama_cpp  # noqa: F401 - an availability check
     except ImportError:
         why = "llama-cpp-python is not installed"
         if mode == "llm":
@@ -190,7 +190,7 @@ def choose_summarizer(mode: str, llm_model: str, embedder: Embedder) -> tuple[Su
         return extractive, f"extractive ({why})"
     try:
         return LlamaSummarizer(path), f"llm ({path.name})"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any load failure falls back to extractive
         if mode == "llm":
             raise ConfigError(f"memory.llm_model: cannot load {path}: {exc}") from None
         return extractive, f"extractive (cannot load {path.name}: {exc})"

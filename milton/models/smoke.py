@@ -186,7 +186,7 @@ def _child(argv: list[str]) -> int:
 def _install_check() -> int:
     """``make install``'s last step: the packaged model generates, and says Paris."""
     from milton.core.errors import MiltonError
-    from milton.train.model import embedded_gguf
+    from milton.models.refs import embedded_gguf
 
     try:
         model = embedded_gguf()

@@ -267,7 +267,7 @@ def _zone(name: str) -> tzinfo | None:
         from zoneinfo import ZoneInfo
 
         return ZoneInfo(name)
-    except Exception:  # ZoneInfoNotFoundError (a KeyError), ValueError for odd names
+    except Exception:  # noqa: BLE001 - ZoneInfoNotFoundError (a KeyError), ValueError for odd names
         return None
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -31,9 +31,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from milton.core.artifacts import atomic_write_json
 from milton.core.config import Settings
 from milton.core.errors import EXIT_BUSY, InputError, MiltonError
+from milton.core.fsio import atomic_write_json
 from milton.core.log import get_logger, log_event
 from milton.core.store import connect_readonly
 from milton.core.timeutil import iso, parse_timestamp, utcnow

@@ -18,8 +18,8 @@ from typing import Any
 
 from milton.core.artifacts import ArtifactStore, known_kinds
 from milton.core.config import Settings
-from milton.core.store import connect_readonly
 from milton.core.serve_state import read_serve_state
+from milton.core.store import connect_readonly
 from milton.core.timeutil import iso, parse_timestamp, utcnow
 
 #: The metric that says most about a job's run, first match wins.
@@ -173,7 +173,7 @@ def _artifacts(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _backups(settings: Settings, now: datetime) -> dict[str, Any]:
-    from milton.ops.backup import list_backups
+    from milton.ops.backup.retention import list_backups
 
     archives = list_backups(settings)
     if not archives:

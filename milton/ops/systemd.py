@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 import milton
-from milton.core.artifacts import atomic_write_bytes
 from milton.core.config import Settings
 from milton.core.errors import InputError, MiltonError
+from milton.core.fsio import atomic_write_bytes
 
 MODES = ("user", "system")
 SERVE = "milton-serve.service"

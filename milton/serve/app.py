@@ -1,270 +1,53 @@
-"""`milton serve`: the long-running process. The OpenAI-compatible assistant (/v1, with
-memory and session logging, adapter hot swap), anomaly scoring with live snapshots and alerts,
-telemetry, Prometheus metrics, and hot reload of every model kind."""
+"""`milton serve`: the long-running process, wired together here.
+
+The OpenAI-compatible assistant (/v1, with memory and session logging, adapter hot swap:
+:mod:`milton.serve.api`, its engine opened by :mod:`milton.serve.lifecycle`), anomaly scoring
+with live snapshots and alerts (:mod:`milton.serve.anomaly`), telemetry, Prometheus metrics,
+``data/serve.json`` for ``milton status``, and hot reload of every model kind.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import threading
-import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from milton import __version__
-from milton.anomaly.detect import score_rows
-from milton.anomaly.model import KIND, AnomalyModel, load_verified
-from milton.core.artifacts import ArtifactStore
 from milton.core.config import Settings
-from milton.core.errors import MiltonError
 from milton.core.log import get_logger, log_event
 from milton.core.serve_state import write_serve_state
 from milton.core.store import open_store
 from milton.core.timeutil import iso, utcnow
-from milton.serve.hot import HotModel
+from milton.serve.anomaly import (
+    SnapshotLoop,
+    anomaly_model,
+    anomaly_telemetry,
+    export_anomaly_metrics,
+    mount_scoring,
+)
+from milton.serve.api.openai import mount_openai
+from milton.serve.lifecycle import EngineLifecycle
+from milton.serve.metrics import Metrics
 
 logger = get_logger("serve")
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("milton_score_requests_total", "Scoring requests", ["status"], registry=r)
-        self.rows = Counter("milton_scored_rows_total", "Process rows scored", registry=r)
-        self.flagged = Counter("milton_flagged_rows_total", "Process rows flagged", registry=r)
-        self.latency = Histogram("milton_score_latency_seconds", "Scoring request latency",
-                                 registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-        self.reloads = Gauge("milton_model_reloads_total", "Models hot-reloaded", ["kind"], registry=r)
-        self.failures = Gauge("milton_model_reload_failures_total", "Models rejected on reload", ["kind"], registry=r)
-        self.fallbacks = Gauge("milton_model_fallbacks_total", "Times the last good model kept serving", ["kind"], registry=r)
-        self.swap = Gauge("milton_model_last_swap_seconds", "Duration of the last model swap", ["kind"], registry=r)
-        self.load = Gauge("milton_model_last_load_seconds", "Verify+load time of the last new model", ["kind"], registry=r)
-        self.snapshots = Counter("milton_live_snapshots_total", "Live snapshots scored by serve", registry=r)
-        self.alerts = Counter("milton_alerts_total", "Alerts stored", registry=r)
-
-
-class SnapshotLoop:
-    """Snapshots this host every N seconds, scores it, stores alerts for flagged processes."""
-
-    def __init__(self, settings: Settings, hot: HotModel[AnomalyModel], metrics: Metrics) -> None:
-        self.settings = settings
-        self.hot = hot
-        self.metrics = metrics
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.runs = 0
-        self.last_run: str | None = None
-        self.last_flagged = 0
-        self.last_error: str | None = None
-
-    def run_once(self) -> int:
-        from milton.ingest.processes import take_snapshot
-
-        loaded = self.hot.get()
-        if loaded is None:
-            return 0
-        now = utcnow()
-        rows = take_snapshot(now)
-        scored = score_rows(loaded.model, rows)
-        alerts = [{"ts": r["ts"], "host": r["host"], "snapshot_id": rows[0][0], "pid": r["pid"],
-                   "name": r["name"], "username": r["username"], "exe": r["exe"],
-                   "score": r["score"], "model_version": loaded.version,
-                   "reasons": json.dumps(r["reasons"])} for r in scored if r["flagged"]]
-        if alerts:
-            db = open_store(self.settings.db_path, self.settings.store.busy_timeout_ms)
-            try:
-                with db.atomic():
-                    db["alerts"].insert_all(alerts)
-            finally:
-                db.close()
-        self.runs += 1
-        self.last_run = iso(now)
-        self.last_flagged = len(alerts)
-        self.metrics.snapshots.inc()
-        self.metrics.alerts.inc(len(alerts))
-        return len(alerts)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.serve.snapshot_interval_s):
-            try:
-                self.run_once()
-                self.last_error = None
-            except Exception as exc:  # noqa: BLE001 - keep serving; report in telemetry
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log_event(logger, "live snapshot failed", level=logging.ERROR, error=self.last_error)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="snapshots", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-
-class LanguageModel:
-    """The served LLM and its adapter watcher: opened in the background, closed on shutdown.
-
-    A model that cannot load (no GGUF, bad file) is logged and reported in telemetry; serve
-    keeps scoring processes and /v1 answers 503 with the reason.
-    """
-
-    def __init__(self, settings: Settings, *, enabled: bool) -> None:
-        self.settings = settings
-        self.enabled = enabled
-        self.engine: Any = None
-        self.watcher: Any = None
-        self.base_watcher: Any = None  # evolved bases (checkpoints/base), llama.cpp engine only
-        self.error: str | None = None
-        self.smoke: dict[str, Any] | None = None  # the child-process generation check, if run
-        self._closed = threading.Event()
-        self.settled = threading.Event()  # loaded, failed, or not wanted
-
-    def open(self, api: Any) -> None:
-        try:
-            self._open(api)
-        finally:
-            self.settled.set()
-
-    @property
-    def status(self) -> str:
-        """off, loading, ok or degraded (wanted but not serving: :attr:`error` says why)."""
-        if not self.enabled:
-            return "off"
-        if self.error:
-            return "degraded"
-        return "ok" if self.engine is not None else "loading"
-
-    def _fail(self, api: Any, error: str) -> None:
-        self.error = error
-        api.set_unavailable(f"the language model is not available: {error}")
-        log_event(logger, "language model not loaded", level=logging.ERROR, error=error)
-
-    def _smoke_check(self) -> str | None:
-        """Generate from the llama.cpp base in a child process first (serve.smoke_check): a
-        build that crashes this CPU kills the child, not serve. The reason, or None if fine."""
-        from milton.models.smoke import failure_line, run_smoke
-        from milton.serve.llm import resolve_serve_base, serve_backend
-
-        ref = resolve_serve_base(self.settings)
-        if serve_backend(self.settings, ref) != "llama":
-            return None
-        gpu_layers = 0 if self.settings.model.device == "cpu" else -1
-        result = run_smoke(ref.path, gpu_layers=gpu_layers, threads=self.settings.serve.n_threads)
-        self.smoke = {"ok": result.ok, "signal": result.signal, "seconds": result.seconds,
-                      "error": result.error}
-        log_event(logger, "generation smoke test", model=str(ref.path), ok=result.ok,
-                  seconds=result.seconds, signal=result.signal)
-        return None if result.ok else failure_line(result)
-
-    def _open(self, api: Any) -> None:
-        if not self.enabled:
-            return
-        from milton.serve.llm import open_engine
-
-        t0 = time.perf_counter()
-        try:
-            reason = self._smoke_check() if self.settings.serve.smoke_check else None
-            if reason:
-                self._fail(api, f"chat disabled: {reason}")
-                return
-            engine, watcher = open_engine(self.settings)
-        except Exception as exc:  # noqa: BLE001 - serve the rest; say why in telemetry
-            self._fail(api, str(exc) if isinstance(exc, MiltonError) else f"{type(exc).__name__}: {exc}")
-            return
-        if self._closed.is_set():  # shut down while loading
-            engine.close()
-            return
-        self.engine, self.watcher = engine, watcher
-        if watcher is not None:
-            watcher.start()
-        if hasattr(engine, "swap_base"):
-            from milton.serve.base_watch import BaseWatcher
-
-            self.base_watcher = BaseWatcher(engine, self.settings, adapters=watcher)
-            self.base_watcher.start()
-        api.set_engine(engine)
-        log_event(logger, "language model loaded", model=engine.info().model_id,
-                  adapter=engine.info().adapter_version, load_s=round(time.perf_counter() - t0, 2))
-
-    def close(self, api: Any) -> None:
-        self._closed.set()
-        api.set_engine(None)
-        for watcher in (self.base_watcher, self.watcher):
-            if watcher is not None:
-                watcher.stop()
-        if self.engine is not None:
-            self.engine.close()
-
-    def telemetry(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "status": self.status, "load_error": self.error,
-                "smoke_check": self.smoke,
-                "adapter_watcher": None if self.watcher is None else {
-                    "reloads": self.watcher.reloads, "failures": self.watcher.failures,
-                    "fallbacks": self.watcher.fallbacks, "last_reload": self.watcher.last_reload,
-                    "last_error": self.watcher.last_error},
-                "base_watcher": None if self.base_watcher is None else {
-                    "evolved_version": (self.base_watcher.get().version
-                                        if self.base_watcher.get() else None),
-                    "reloads": self.base_watcher.reloads, "failures": self.base_watcher.failures,
-                    "last_reload": self.base_watcher.last_reload,
-                    "last_error": self.base_watcher.last_error},
-                "swap_latency_ms": self.swap_latency()}
-
-    def swap_latency(self) -> dict[str, Any] | None:
-        """p50/p95/max of the recent successful adapter swaps: ``locked`` (the context held:
-        what requests feel) and ``total`` (load beside + switch + free), from the engine's swap
-        history; the last swap alone hides a slow one among many."""
-        from milton.serve.api_metrics import percentile
-
-        records = [r for r in list(getattr(self.engine, "swap_history", ())) if r.ok and r.kind == "adapter"]
-        if not records:
-            return None
-        out: dict[str, Any] = {"count": len(records)}
-        for name in ("locked", "total"):
-            values = [getattr(r, f"{name}_ms") for r in records]
-            for label, q in (("p50", .5), ("p95", .95), ("max", 1.0)):
-                out[f"{name}_{label}"] = round(percentile(values, q) or 0.0, 3)
-        return out
-
-    def export_metrics(self, metrics: Metrics) -> None:
-        if self.watcher is not None:  # rejected adapters while another kept serving
-            metrics.fallbacks.labels("adapter").set(self.watcher.fallbacks)
-        if self.engine is None:
-            return
-        info = self.engine.info()
-        metrics.reloads.labels("adapter").set(info.swaps)
-        metrics.failures.labels("adapter").set(info.swap_failures)
-        if info.last_swap_ms is not None:
-            metrics.swap.labels("adapter").set(info.last_swap_ms / 1000)
-
-
-def _load_anomaly(store: ArtifactStore, name: str) -> AnomalyModel:
-    return load_verified(store, name)
-
-
-def _error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status)
-
-
 def create_app(settings: Settings, *, background: bool = True, engine: Any = None) -> FastAPI:
     """Build the app. ``background=False`` (tests) skips the watcher and snapshot threads.
-    ``engine``: a :class:`milton.serve.engine.ChatEngine` for /v1 (or set it later through
+    ``engine``: a :class:`milton.serve.engines.base.ChatEngine` for /v1 (or set it later through
     ``app.state.openai.set_engine``); without one, chat requests get 503."""
     metrics = Metrics()
-    store = ArtifactStore(settings.paths.checkpoints_dir, KIND, keep=settings.anomaly.keep_versions)
-    hot: HotModel[AnomalyModel] = HotModel(store, _load_anomaly, settings.serve.reload_poll_s, logger)
+    hot = anomaly_model(settings)
     snapshots = SnapshotLoop(settings, hot, metrics)
     started = iso(utcnow())
 
-    llm = LanguageModel(settings, enabled=engine is None and background and settings.serve.chat_enabled)
+    llm = EngineLifecycle(settings, enabled=engine is None and background and settings.serve.chat_enabled)
 
     def health() -> dict[str, Any]:
         """ok, or degraded with the reasons: a part that should serve and does not."""
@@ -318,8 +101,6 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
     app.state.llm = llm
 
     # -- the OpenAI-compatible API (/v1): router with its own lifespan, bearer auth ---------
-    from milton.serve.openai_api import mount_openai
-
     mount_openai(app, settings, engine, registry=metrics.registry, background=background)
 
     @app.get("/healthz")
@@ -328,50 +109,11 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
         return {**health(), "version": __version__,
                 "anomaly_model": loaded.version if loaded else None, "chat": llm.status}
 
-    @app.post("/anomaly/score")
-    async def score(request: Request) -> Any:
-        t0 = time.perf_counter()
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            metrics.requests.labels("bad_request").inc()
-            return _error(400, f"body is not valid JSON: {exc}", "invalid_request_error")
-        records = body.get("rows") if isinstance(body, dict) else body
-        if not isinstance(records, list):
-            metrics.requests.labels("bad_request").inc()
-            return _error(400, "expected {\"rows\": [...]} or a JSON array of process rows",
-                          "invalid_request_error")
-        if len(records) > settings.serve.max_score_rows:
-            metrics.requests.labels("too_large").inc()
-            return _error(413, f"{len(records)} rows; at most {settings.serve.max_score_rows} per request",
-                          "request_too_large")
-        loaded = hot.get()  # this request finishes on this model, whatever reloads meanwhile
-        if loaded is None:
-            metrics.requests.labels("unavailable").inc()
-            return JSONResponse({"error": {"message": "no anomaly model yet: run `milton train-anomaly`",
-                                           "type": "unavailable", "code": 503}},
-                                status_code=503, headers={"Retry-After": "60"})
-        from milton.ingest.processes import RowError, normalize_record
-
-        rows = []
-        for index, record in enumerate(records):
-            try:
-                rows.append(normalize_record(record))
-            except RowError as exc:
-                metrics.requests.labels("bad_request").inc()
-                return _error(400, f"rows[{index}]: {exc}", "invalid_request_error")
-        scored = score_rows(loaded.model, rows) if rows else []
-        metrics.requests.labels("ok").inc()
-        metrics.rows.inc(len(scored))
-        metrics.flagged.inc(sum(r["flagged"] for r in scored))
-        metrics.latency.observe(time.perf_counter() - t0)
-        return {"model_version": loaded.version, "threshold": loaded.model.threshold,
-                "results": [{k: r[k] for k in ("host", "pid", "name", "score", "flagged", "reasons")}
-                            for r in scored]}
+    mount_scoring(app, settings, hot, metrics)
 
     @app.get("/ml/telemetry")
     def telemetry() -> dict[str, Any]:
-        loaded = hot.get()
+        anomaly = anomaly_telemetry(hot)
         db = open_store(settings.db_path, settings.store.busy_timeout_ms)
         try:
             runs = [dict(zip(("id", "started", "finished", "status", "metrics", "error"), row))
@@ -389,14 +131,7 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
         return {
             "started": started,
             **health(),
-            "anomaly": {
-                "current_version": loaded.version if loaded else None,
-                "loaded_at": loaded.loaded_at if loaded else None,
-                "reloads": hot.reloads, "last_reload": hot.last_reload,
-                "reload_failures": hot.failures, "fallbacks": hot.fallbacks,
-                "last_error": hot.last_error, "last_load_s": hot.last_load_s,
-                "last_swap_s": hot.last_swap_s,
-            },
+            "anomaly": anomaly,
             "training_runs": {"counts": counts, "recent": runs},
             "live_snapshots": {"enabled": settings.serve.snapshot_enabled, "runs": snapshots.runs,
                                "last_run": snapshots.last_run, "last_flagged": snapshots.last_flagged,
@@ -407,13 +142,7 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
 
     @app.get("/metrics")
     def prometheus() -> PlainTextResponse:
-        metrics.reloads.labels(KIND).set(hot.reloads)
-        metrics.failures.labels(KIND).set(hot.failures)
-        metrics.fallbacks.labels(KIND).set(hot.fallbacks)
-        if hot.last_swap_s is not None:
-            metrics.swap.labels(KIND).set(hot.last_swap_s)
-        if hot.last_load_s is not None:
-            metrics.load.labels(KIND).set(hot.last_load_s)
+        export_anomaly_metrics(hot, metrics)
         llm.export_metrics(metrics)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -424,7 +153,8 @@ def run_server(settings: Settings, *, host: str | None = None, port: int | None 
     import uvicorn
 
     from milton.core.jobs import SERVE_LOCK, STORE_LOCK, job_lock
-    from milton.serve.limits import check_bind
+    from milton.serve.api.auth import check_bind
+    from milton.serve.api.openai import GracefulServer
 
     check_bind(host or settings.serve.host, settings.serve.api_key.get_secret_value())
     # Held while serving, so restore (and anything needing the store alone) can tell.
@@ -435,6 +165,4 @@ def run_server(settings: Settings, *, host: str | None = None, port: int | None 
                                 port=settings.serve.port if port is None else port,
                                 log_config=None, access_log=False,
                                 timeout_graceful_shutdown=settings.serve.shutdown_grace_s)
-        from milton.serve.openai_api import GracefulServer
-
         GracefulServer(config, app.state.openai).run()

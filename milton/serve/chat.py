@@ -123,7 +123,7 @@ def remember(settings: Settings, text: str) -> int:
     from milton.core.store import open_store
     from milton.core.timeutil import utcnow
     from milton.memory.embed import embedder_for
-    from milton.memory.store import NewMemory, add_memory
+    from milton.memory.memories import NewMemory, add_memory
 
     if not text.strip():
         raise InputError("/remember: nothing to remember")
@@ -144,8 +144,8 @@ def forget(settings: Settings, query: str, confirm: Callable[[str], bool]) -> st
     from milton.core.store import open_store
     from milton.core.timeutil import utcnow
     from milton.memory.embed import embedder_for
+    from milton.memory.memories import delete_memories
     from milton.memory.search import search
-    from milton.memory.store import delete_memories
 
     if not query.strip():
         raise InputError("/forget: say what to forget")

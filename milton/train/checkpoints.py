@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from milton.core.artifacts import _fsync_dir, atomic_write_bytes
+from milton.core.fsio import atomic_write_bytes, fsync_dir, fsync_tree
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -34,15 +34,6 @@ STEP_RE = re.compile(r"^step-(\d{6,})$")
 
 
 # -- directories --------------------------------------------------------------------------------
-def fsync_tree(path: Path) -> None:
-    """fsync every file directly in ``path``, then ``path`` itself."""
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(path)
-
-
 def latest(checkpoint_dir: Path, pattern: re.Pattern[str],
            marker: str = STATE_FILE) -> tuple[int, Path] | None:
     """(number, path) of the newest complete checkpoint: a directory whose name matches
@@ -72,7 +63,7 @@ def write_checkpoint(checkpoint_dir: Path, name: str, fill: Callable[[Path], Non
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(checkpoint_dir)
+        fsync_dir(checkpoint_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,8 +43,8 @@ from typing import Any
 
 import sqlite_utils
 
-from milton.core.artifacts import atomic_write_bytes
 from milton.core.config import Settings
+from milton.core.fsio import atomic_write_bytes
 from milton.core.jobs import Skip
 from milton.train.redact import SecretFilter
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from milton.core.config import TrainConfig
 from milton.train.formatting import format_items, item_field, prompt_ids, resolve_format
-from milton.train.lora import batch_nll, collate
+from milton.train.loop import batch_nll, collate
 
 _PLAIN_STOPS = ("\nUser:", "\nuser:", "\n\nUser")
 

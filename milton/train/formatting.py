@@ -11,7 +11,8 @@ An item is anything with ``kind`` ('pair' | 'text'), ``prompt``, ``response`` an
   prefix falls back to ``plain``. If the prompt's tokens are not a prefix of the whole text's
   tokens (a merge across the boundary), the prompt and the answer are tokenised apart, so
   training sees the prompt exactly as generation will.
-* ``plain``: ``"User: {prompt}\\nAssistant: {response}"`` + EOS, for base models.
+* ``plain``: ``"User: {prompt}\\nAssistant: {response}"`` + EOS, for base models (the prompt
+  part is :func:`milton.models.prompt.plain_prompt`'s, exactly what serve renders).
 * ``auto``: ``template`` when the tokenizer has a chat template that passes that check on a
   probe exchange, else ``plain``.
 
@@ -25,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from milton.models.prompt import plain_prompt
+
 IGNORE = -100
-PLAIN_USER = "User: "
-PLAIN_ASSISTANT = "\nAssistant:"
 _PROBE = ("Hello, who are you?", "I am an assistant.")
 
 
@@ -86,9 +87,7 @@ def _render_template(tokenizer: Any, item: Any) -> tuple[str, str] | None:
 
 
 def _plain_prompt(item: Any) -> str:
-    system = item_field(item, "system", None)
-    head = f"{system}\n\n" if system else ""
-    return f"{head}{PLAIN_USER}{item_field(item, 'prompt') or ''}{PLAIN_ASSISTANT}"
+    return plain_prompt(_messages(item, False))
 
 
 def has_usable_template(tokenizer: Any) -> bool:

@@ -17,49 +17,36 @@ from typing import Any
 
 import sqlite_utils
 
-from milton.core.artifacts import ArtifactStore, atomic_write_json
+from milton.core.artifacts import ArtifactStore
 from milton.core.config import Settings
-from milton.core.jobs import JobContext
+from milton.core.fsio import atomic_write_json
+from milton.core.jobs import JobContext, finish_run, unfinished_run, work_dir
 from milton.core.timeutil import iso, utcnow
-
-KIND = "adapter"
-ADAPTER_DIR = "adapter"
-BASE_CONFIG_DIR = "base"
-ADAPTER_GGUF = "adapter.gguf"
-DATASET_DIR = "dataset"
+from milton.models.layout import (
+    ADAPTER_BASE_CONFIG,
+    ADAPTER_DIR,
+    ADAPTER_GGUF,
+    ADAPTER_KIND,
+    DATASET_DIR,
+    artifact_store,
+)
 
 
 def adapter_store(settings: Settings) -> ArtifactStore:
-    return ArtifactStore(settings.paths.checkpoints_dir, KIND, keep=settings.train.keep_versions)
+    return artifact_store(settings, ADAPTER_KIND)
 
 
 def run_dir(settings: Settings, run_id: int) -> Path:
-    return settings.paths.data_dir / "train" / f"run-{run_id:06d}"
-
-
-def _open_run(db: sqlite_utils.Database, base_sha256: str) -> int | None:
-    """The unfinished run to resume, if any; one whose base model changed is given up."""
-    row = db.execute("select id, base_sha256 from training_runs where status = 'running' "
-                     "order by id desc limit 1").fetchone()
-    if row is None:
-        return None
-    if row[1] == base_sha256:
-        return int(row[0])
-    with db.atomic():
-        db.execute("update training_runs set status = 'failed', finished = ?, reason = ? "
-                   "where id = ?", [iso(utcnow()), "base model changed; not resumed", row[0]])
-    return None
+    return work_dir(settings, "train", run_id)
 
 
 def _finish_run(db: sqlite_utils.Database, run_id: int, status: str, *, reason: str,
                 metrics: dict[str, Any], version: str | None) -> None:
-    from milton.memory.store import bump
+    from milton.memory.memories import bump
 
     with db.atomic():
-        db["training_runs"].update(run_id, {
-            "status": status, "finished": iso(utcnow()), "reason": reason,
-            "metrics": json.dumps(metrics, default=str), "candidate_version": version,
-        })
+        finish_run(db, "training_runs", run_id, status, reason=reason,
+                   metrics=json.dumps(metrics, default=str), candidate_version=version)
         if status == "promoted":
             bump(db, "fine_tunes")
 
@@ -82,15 +69,22 @@ def train_lora_job(*, max_steps: int | None = None) -> Callable[[JobContext], di
 
 def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, Any]:
     from milton.core.notify import notify
-    from milton.train.dataset import build_dataset, export_new_items, require_enough, write_dataset_files
-    from milton.train.gguf import lora_to_gguf, tools_dir
-    from milton.train.model import resolve_base
+    from milton.models.convert import lora_to_gguf, tools_dir
+    from milton.models.refs import resolve_base
+    from milton.train.dataset import (
+        build_dataset,
+        export_new_items,
+        require_enough,
+        write_dataset_files,
+    )
 
     settings, db = ctx.settings, ctx.db
     tools_dir(settings)  # fail now, not after an hour of training
     ref = resolve_base(settings)
 
-    resumed = _open_run(db, ref.sha256)
+    # An unfinished run resumes; one whose base model changed is given up.
+    resumed = unfinished_run(db, "training_runs", {"base_sha256": ref.sha256},
+                             reason="base model changed; not resumed")
     with db.atomic():  # a Skip rolls the new run row and its items back
         run_id = resumed or db["training_runs"].insert({
             "job_run_id": ctx.run_id, "started": iso(utcnow()), "status": "running",
@@ -110,12 +104,12 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
     result = metrics.pop("_result")
 
     def build(tmp: Path) -> None:
+        from milton.models.hf import save_base_config
         from milton.train.lora import save_adapter
-        from milton.train.model import save_base_config
 
         save_adapter(result.model, tmp / ADAPTER_DIR)
-        save_base_config(ref, result.model, tmp / BASE_CONFIG_DIR)
-        lora_to_gguf(settings, tmp / ADAPTER_DIR, tmp / BASE_CONFIG_DIR, tmp / ADAPTER_GGUF)
+        save_base_config(ref, result.model, tmp / ADAPTER_BASE_CONFIG)
+        lora_to_gguf(settings, tmp / ADAPTER_DIR, tmp / ADAPTER_BASE_CONFIG, tmp / ADAPTER_GGUF)
         write_dataset_files(dataset, tmp / DATASET_DIR)  # the audit trail: what it learned from
         atomic_write_json(tmp / "metrics.json", metrics)
 
@@ -151,10 +145,10 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
 def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, run_id: int, work: Path,
                         max_steps: int | None) -> tuple[dict[str, Any], Any, str]:
     """Measure base, current and candidate on the same data in the same process."""
+    from milton.models.hf import load_base
     from milton.train.evaluate import evaluate
     from milton.train.gate import decide
     from milton.train.lora import load_adapter, train_lora
-    from milton.train.model import load_base
 
     settings, cfg = ctx.settings, ctx.settings.train
     fmt = settings.model.chat_format

@@ -1,0 +1,295 @@
+"""Restore: put an archive's store, models and (optionally) config back, atomically.
+
+The archive is verified while it is extracted to temp files beside their targets; then the
+store is taken exclusively (:func:`milton.core.jobs.exclusive_store_access`), a
+``pre-restore`` backup of the current state is made, and each piece is swapped in with
+rename(2), so a crash at any point leaves one valid store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from milton.core.artifacts import PINS, ArtifactStore, known_kinds, sha256_file
+from milton.core.config import Settings, default_config_path
+from milton.core.errors import ArtifactError, ConfigError
+from milton.core.fsio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    fsync_file,
+)
+from milton.core.timeutil import iso, utcnow
+from milton.ops.backup.archive import (
+    CONFIG_MEMBER,
+    MANIFEST,
+    MAX_CONFIG_BYTES,
+    PRE_RESTORE,
+    ArchiveError,
+    BackupError,
+    Progress,
+    clean_stale,
+    known_schema,
+    staging,
+    verify_archive,
+    why,
+)
+from milton.ops.backup.create import create_backup
+
+
+def restore_backup(
+    settings: Settings,
+    archive: Path,
+    *,
+    force: bool = False,
+    with_config: bool = False,
+    config_file: Path | None = None,
+    pre_backup: bool = True,
+    confirm: Callable[[dict[str, Any]], bool] | None = None,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Verify ``archive``, take the store exclusively, back up the current state, swap in.
+
+    Raises :class:`ArchiveError` (nothing touched) for a bad archive, :class:`BusyError`
+    when serve or a job holds the store (unless ``force``), :class:`BackupError` otherwise.
+    """
+    from milton.core.jobs import Skip, append_master_log, exclusive_store_access
+
+    t0 = time.monotonic()
+    started = utcnow()
+    name = archive.name
+    data_dir = settings.paths.data_dir
+    root = settings.paths.checkpoints_dir
+    target_config = config_file or default_config_path() or settings.paths.home / "config.toml"
+    for directory in (data_dir, root):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackupError(f"{directory}: cannot create: {exc.strerror}") from None
+    clean_stale(data_dir)
+    clean_stale(root)
+    with exclusive_store_access(settings, force=force):
+        pass  # refuse a busy store now, not after verifying a big archive; taken for real below
+
+    with staging(data_dir, "restore") as db_stage, staging(root, "restore") as art_stage:
+        staged_db = db_stage / settings.store.filename
+        staged_config = db_stage / "config.toml"
+
+        def sink(member: str, manifest: dict[str, Any]) -> Path | None:
+            parts = PurePosixPath(member).parts
+            if member == manifest.get("db"):
+                return staged_db
+            if member == CONFIG_MEMBER:
+                return staged_config if with_config else None
+            if len(parts) >= 4 and parts[0] == "checkpoints":
+                return art_stage.joinpath(*parts[1:])
+            return None
+
+        report = verify_archive(archive, integrity=True, extract=sink, progress=progress,
+                                record=archive.parent == settings.backup.dir)
+        manifest = report["manifest"]
+        _check_artifact_plan(name, manifest)
+        if not staged_db.is_file():
+            raise ArchiveError(f"{name}: holds no database to restore")
+        known = known_schema()
+        if int(manifest.get("schema_version") or 0) > known:
+            raise BackupError(f"{name}: made by a newer Milton (schema {manifest['schema_version']} "
+                              f"> {known}); upgrade Milton to restore it")
+        if with_config:
+            if not staged_config.is_file():
+                raise BackupError(f"{name}: holds no config file; restore without --with-config")
+            if staged_config.stat().st_size > MAX_CONFIG_BYTES:
+                raise ArchiveError(f"{name}: {CONFIG_MEMBER} is implausibly large")
+            try:
+                from milton.core.config import load_settings
+
+                load_settings(staged_config, environ={})
+            except ConfigError as exc:
+                raise BackupError(f"{name}: its config file is not valid here: {exc}") from None
+
+        summary = {"archive": name, "created": manifest.get("created"),
+                   "label": manifest.get("label"), "schema_version": manifest.get("schema_version"),
+                   "rows": manifest.get("rows", {}), "artifacts": manifest.get("artifacts", {}),
+                   "with_config": with_config, "db": str(settings.db_path)}
+        if confirm is not None and not confirm(summary):
+            raise BackupError("restore cancelled; nothing was changed")
+
+        with exclusive_store_access(settings, force=force) as busy:
+            pre_name = None
+            if pre_backup:
+                try:
+                    pre = create_backup(settings, now=now, label=PRE_RESTORE,
+                                        config_file=config_file, progress=progress)
+                    pre_name = pre["archive"]
+                except Skip:
+                    pre_name = None  # no store yet: nothing to keep
+                except BackupError as exc:
+                    raise BackupError(f"pre-restore backup failed, nothing was restored "
+                                      f"(--no-pre-backup skips it): {exc}") from None
+
+            step = "the store"
+            try:
+                _prepare_restored_db(staged_db, name, manifest, started)
+                _swap_db(settings, staged_db)
+                step = "the models"
+                artifacts = _restore_artifacts(settings, manifest, art_stage)
+                restored_config = None
+                if with_config:
+                    step = "the config file"
+                    atomic_write_bytes(target_config, staged_config.read_bytes())
+                    restored_config = str(target_config)
+            except (OSError, sqlite3.Error, ArtifactError) as exc:
+                where = f"; the state before it is in {pre_name}" if pre_name else ""
+                raise BackupError(f"restore from {name} failed while restoring {step}: "
+                                  f"{why(exc)}{where}") from None
+
+    result = {
+        "archive": name,
+        "created": manifest.get("created"),
+        "schema_version": manifest.get("schema_version"),
+        "rows": manifest.get("rows", {}),
+        "rows_total": sum((manifest.get("rows") or {}).values()),
+        "db": str(settings.db_path),
+        "artifacts": artifacts,
+        "models_not_in_archive": sorted(set(known_kinds(root)) - set(artifacts)),
+        "config": restored_config,
+        "pre_restore_backup": pre_name,
+        "forced_past": busy,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    append_master_log(settings.logs_dir, {
+        "job": "restore", "run_id": None, "status": "ok", "started": iso(started),
+        "finished": iso(utcnow()), "duration_s": result["seconds"], "now": iso(started),
+        "metrics": {k: v for k, v in result.items() if k not in ("rows", "artifacts")},
+        "error": None, "host": socket.gethostname(), "pid": os.getpid(),
+    })
+    return result
+
+
+def _check_artifact_plan(name: str, manifest: dict[str, Any]) -> None:
+    plan = manifest.get("artifacts") or {}
+    if not isinstance(plan, dict):
+        raise ArchiveError(f"{name}: {MANIFEST}: 'artifacts' is not an object")
+    for kind, info in plan.items():
+        versions = info.get("versions") if isinstance(info, dict) else None
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(kind)) or not isinstance(versions, list) \
+                or not all(re.fullmatch(r"v\d{6}", str(v)) for v in versions) \
+                or (info.get("current") and info["current"] not in versions):
+            raise ArchiveError(f"{name}: {MANIFEST}: bad entry for model kind {kind!r}")
+
+
+def _prepare_restored_db(path: Path, archive: str, manifest: dict[str, Any],
+                         started: datetime) -> None:
+    """Runs that were in flight when the backup was taken are over; record the restore.
+
+    The one backup run among them made this very archive, so it is recorded as ok (it would
+    otherwise count as a failure in ``milton status``); the others were cut off.
+    """
+    conn = sqlite3.connect(path)
+    try:
+        tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
+        if "job_runs" in tables:
+            with conn:
+                conn.execute(
+                    "update job_runs set status = 'ok', finished = coalesce(finished, ?), "
+                    "metrics = ? where status = 'running' and job = 'backup'",
+                    (manifest.get("created") or iso(started), json.dumps({"archive": archive})))
+                conn.execute(
+                    "update job_runs set status = 'failed', finished = coalesce(finished, ?), "
+                    "error = ? where status = 'running'",
+                    (iso(started), "interrupted: the backup it was restored from was taken while it ran"))
+                conn.execute(
+                    "insert into job_runs (job, started, finished, status, metrics, host, pid, now) "
+                    "values ('restore', ?, ?, 'ok', ?, ?, ?, ?)",
+                    (iso(started), iso(utcnow()), json.dumps({"archive": archive}),
+                     socket.gethostname(), os.getpid(), iso(started)))
+    finally:
+        conn.close()
+    fsync_file(path)
+
+
+def _swap_db(settings: Settings, staged: Path) -> None:
+    """Replace the live store with ``staged`` so that no stale WAL can ever be replayed onto it."""
+    live = settings.db_path
+    if live.exists():
+        try:
+            conn = sqlite3.connect(live, timeout=settings.store.busy_timeout_ms / 1000)
+            try:
+                conn.execute("pragma wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError:
+            pass  # a damaged store is being replaced anyway
+    # The old WAL (empty after the checkpoint) goes first: a WAL left beside the new file
+    # would be replayed onto it. A crash in between leaves the old store, still valid.
+    # Jobs and serve are kept out by the store lock; commands that open the store without
+    # it (memory/sessions CLI) could still recreate a WAL in this window.
+    for suffix in ("-wal", "-shm", "-journal"):
+        Path(f"{live}{suffix}").unlink(missing_ok=True)
+    os.replace(staged, live)
+    fsync_dir(live.parent)
+
+
+def _same_version(local: Path, files: dict[str, Any], prefix: str) -> bool:
+    for member, info in files.items():
+        if not member.startswith(prefix):
+            continue
+        path = local / member[len(prefix):]
+        try:
+            if path.stat().st_size != info.get("size") or sha256_file(path) != info.get("sha256"):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _restore_artifacts(settings: Settings, manifest: dict[str, Any], stage: Path) -> dict[str, Any]:
+    root = settings.paths.checkpoints_dir
+    files = manifest["files"]
+    out: dict[str, Any] = {}
+    for kind, info in sorted((manifest.get("artifacts") or {}).items()):
+        store = ArtifactStore(root, kind)  # never publishes, so never prunes: no keep count
+        store.dir.mkdir(parents=True, exist_ok=True)
+        placed, kept = [], []
+        for version in info.get("versions", []):
+            prefix = f"checkpoints/{kind}/{version}/"
+            local = store.dir / version
+            if local.is_dir() and _same_version(local, files, prefix):
+                kept.append(version)
+                continue
+            staged = stage / kind / version
+            for sub in sorted((p for p in staged.rglob("*") if p.is_dir()), reverse=True):
+                fsync_dir(sub)
+            fsync_dir(staged)
+            aside = None
+            if local.exists():  # a different version under the same name: replaced
+                aside = store.dir / f".tmp-del-{version}-{uuid.uuid4().hex}"
+                os.rename(local, aside)
+            os.rename(staged, local)
+            fsync_dir(store.dir)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+            placed.append(version)
+        pinned = set(info.get("pinned", []))
+        if pinned - store.pins():
+            atomic_write_json(store.dir / PINS, sorted(store.pins() | pinned))
+        current = info.get("current")
+        if current and store.current_name() != current:
+            store.set_current(current, reason="restore")
+        elif current:
+            store.verify(current)
+        out[kind] = {"current": current, "restored_versions": placed, "kept_versions": kept}
+    return out
+

@@ -1,0 +1,32 @@
+"""Helpers shared by the test files (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def systemd_analyze() -> str:
+    """Path of systemd's own checker; required under CI, a skip elsewhere."""
+    found = shutil.which("systemd-analyze")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("systemd-analyze is required in CI (install the systemd package)")
+    pytest.skip("systemd-analyze not installed")
+
+
+def assert_clean_error(stderr: str, *needles: str) -> str:
+    """The error is one ``milton: error:`` line containing every needle, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("milton: error:")]
+    assert len(errors) == 1, stderr
+    assert stderr.strip().splitlines()[-1] == errors[0], f"error must be one unwrapped line:\n{stderr}"
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
