@@ -33,8 +33,9 @@ app.add_typer(ingest_app, name="ingest")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one error, one line: never wrap at 80 columns
+# Markup off: names, paths and memories from outside are printed as they are (milton.core.text).
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one error, one line
 
 
 class State:
@@ -138,9 +139,11 @@ def ingest_processes_cmd(
     if fmt not in (None, "jsonl", "csv"):
         raise InputError("--format: expected jsonl or csv")
     metrics = _job("ingest", ingest_processes_job(from_file, strict=strict, fmt=fmt), now)
+    from milton.core.text import safe
+
     rejected = metrics.get("rejected_rows") or []
     for line, reason in rejected:
-        err.print(f"{metrics.get('source')}:{line}: {reason}", markup=False, highlight=False)
+        err.print(safe(f"{metrics.get('source')}:{line}: {reason}"), markup=False, highlight=False)
     total = metrics.get("rejected", len(rejected))
     if total > len(rejected):
         err.print(f"... and {total - len(rejected)} more rejected rows")
@@ -174,9 +177,11 @@ def detect_cmd(
                         f"(model {result['model_version']}, threshold {result['threshold']:.3f})")
     for col in ("host", "pid", "name", "user", "score", "reasons"):
         table.add_column(col, overflow="fold")
+    from milton.core.text import literal
+
     for row in shown:
-        table.add_row(row["host"], str(row["pid"]), row["name"], row["username"] or "",
-                      f"{row['score']:.3f}", "; ".join(row["reasons"]))
+        table.add_row(literal(row["host"]), str(row["pid"]), literal(row["name"]),
+                      literal(row["username"]), f"{row['score']:.3f}", literal("; ".join(row["reasons"])))
     out.print(table)
 
 
@@ -384,7 +389,9 @@ def main() -> None:
         # Without standalone mode click returns a typer.Exit's code instead of raising it.
         code = app(standalone_mode=False)
     except MiltonError as exc:
-        err.print(f"milton: error: {exc}", markup=False, highlight=False)
+        from milton.core.text import safe
+
+        err.print(safe(f"milton: error: {exc}"), markup=False, highlight=False)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from milton.core.text import literal
+
 memory_app = typer.Typer(help="Search and manage memories (short-term, working, long-term).",
                          no_args_is_help=True)
 tasks_app = typer.Typer(help="Working memory: tasks with status and dependencies.", no_args_is_help=True)
@@ -84,7 +86,7 @@ def search_cmd(
     for h in hits:
         m = h.memory
         table.add_row(str(m.id), m.tier, _age(m.created, when), f"{h.score:.3f}",
-                      ",".join(m.tags[:4]), m.content[:300])
+                      literal(",".join(m.tags[:4])), literal(m.content[:300]))
     cli.out.print(table)
 
 
@@ -135,8 +137,8 @@ def list_cmd(
         table.add_column(col, overflow="fold")
     when = _now(None)
     for m in rows:
-        table.add_row(str(m.id), m.tier, m.category, _age(m.created, when), f"{m.importance:.2f}",
-                      m.content[:200])
+        table.add_row(str(m.id), m.tier, literal(m.category), _age(m.created, when), f"{m.importance:.2f}",
+                      literal(m.content[:200]))
     cli.out.print(table)
 
 
@@ -229,7 +231,7 @@ def preferences_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machin
         table.add_column(col)
     when = _now(None)
     for r in rows:
-        table.add_row(r["key"], r["value"], str(r["evidence"]), str(r["sessions"]), _age(r["last_seen"], when))
+        table.add_row(literal(r["key"]), literal(r["value"]), str(r["evidence"]), str(r["sessions"]), _age(r["last_seen"], when))
     cli.out.print(table)
 
 
@@ -279,7 +281,7 @@ def task_list_cmd(
     for col in ("id", "type", "status", "depends on", "title"):
         table.add_column(col, overflow="fold")
     for t in tasks:
-        table.add_row(str(t["id"]), t["type"], t["status"], ",".join(map(str, t["depends_on"])), t["title"])
+        table.add_row(str(t["id"]), t["type"], t["status"], ",".join(map(str, t["depends_on"])), literal(t["title"]))
     cli.out.print(table)
 
 

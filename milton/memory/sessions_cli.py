@@ -23,7 +23,10 @@ def _store():
 
 
 def _say(console: Any, text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    """Literal text (no markup, control characters shown as escapes); newlines kept."""
+    from milton.core.text import safe
+
+    console.print(safe(text, keep_newlines=True), markup=False, highlight=False, soft_wrap=True)
 
 
 def _report_rejected(metrics: dict[str, Any]) -> None:
@@ -109,9 +112,11 @@ def list_cmd(
     table = Table()
     for col in ("id", "user", "status", "started", "last activity", "messages", "topics"):
         table.add_column(col, overflow="fold")
+    from milton.core.text import literal
+
     for r in rows:
-        table.add_row(r["id"], r["user"] or "", r["status"], _ts(r["started"]), _ts(r["last_activity"]),
-                      str(r["messages"]), ", ".join(r["topics"]))
+        table.add_row(literal(r["id"]), literal(r["user"]), r["status"], _ts(r["started"]),
+                      _ts(r["last_activity"]), str(r["messages"]), literal(", ".join(r["topics"])))
     cli.out.print(table)
 
 
@@ -133,8 +138,11 @@ def show_cmd(
     if as_json:
         cli._print_json(record)
         return
-    _say(cli.out, f"session {record['id']}  user={record['user'] or '-'}  status={record['status']}  "
-                  f"source={record['source']}  started={record['started']}  ended={record['ended'] or '-'}")
+    from milton.core.text import safe
+
+    _say(cli.out, f"session {safe(record['id'])}  user={safe(record['user'] or '-')}  "
+                  f"status={record['status']}  source={safe(record['source'])}  "
+                  f"started={record['started']}  ended={record['ended'] or '-'}")
     if record["topics"]:
         _say(cli.out, "topics: " + ", ".join(record["topics"]))
     for message in record["messages"]:
