@@ -324,3 +324,11 @@ def m007_evolve(db: sqlite_utils.Database) -> None:
         )
         """
     )
+
+
+@migration
+def m008_process_lineage(db: sqlite_utils.Database) -> None:
+    # The anomaly profile resolves each row's parent (same snapshot, pid = ppid): one index
+    # lookup per row. (snapshot_id, pid) also serves every lookup by snapshot_id alone.
+    db.execute("create index processes_snapshot_pid on processes (snapshot_id, pid)")
+    db.execute("drop index processes_snapshot")
