@@ -265,6 +265,11 @@ class NotifyConfig(_Section):
     on_stale_backup: bool = Field(
         default=True, description="Notify when the newest backup is missing or too old."
     )
+    on_alert: bool = Field(default=True, description="Notify when the detector opens a new alert.")
+    alerts_per_hour: int = Field(
+        default=6, ge=0, le=3600,
+        description="At most this many alert notifications an hour; more are summed up in the next.",
+    )
 
     @field_validator("url")
     @classmethod

@@ -34,6 +34,7 @@ EVENTS: dict[str, str] = {
     "promotion": "on_promotion",
     "rejection": "on_rejection",
     "stale_backup": "on_stale_backup",
+    "alert": "on_alert",
     "test": "",  # `milton notify test`: always sent when notifications are configured
 }
 #: ntfy shows these tags as emoji in front of the title.
@@ -42,6 +43,7 @@ DEFAULT_TAGS: dict[str, tuple[str, ...]] = {
     "promotion": ("white_check_mark",),
     "rejection": ("no_entry",),
     "stale_backup": ("floppy_disk",),
+    "alert": ("warning",),
     "test": ("wave",),
 }
 #: ntfy turns longer messages into attachments; stay below its 4096-byte limit.

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from milton import __version__
+from milton.anomaly.alerts import record_and_notify
 from milton.anomaly.detect import score_rows
 from milton.anomaly.model import KIND, AnomalyModel, load_verified
 from milton.core.artifacts import ArtifactStore
@@ -72,23 +73,13 @@ class SnapshotLoop:
         now = utcnow()
         rows = take_snapshot(now)
         scored = score_rows(loaded.model, rows)
-        alerts = [{"ts": r["ts"], "host": r["host"], "snapshot_id": rows[0][0], "pid": r["pid"],
-                   "name": r["name"], "username": r["username"], "exe": r["exe"],
-                   "score": r["score"], "model_version": loaded.version,
-                   "reasons": json.dumps(r["reasons"])} for r in scored if r["flagged"]]
-        if alerts:
-            db = open_store(self.settings.db_path, self.settings.store.busy_timeout_ms)
-            try:
-                with db.atomic():
-                    db["alerts"].insert_all(alerts)
-            finally:
-                db.close()
+        new = record_and_notify(self.settings, scored, rows[0][0] if rows else None, loaded.version)
         self.runs += 1
         self.last_run = iso(now)
-        self.last_flagged = len(alerts)
+        self.last_flagged = sum(r["flagged"] for r in scored)
         self.metrics.snapshots.inc()
-        self.metrics.alerts.inc(len(alerts))
-        return len(alerts)
+        self.metrics.alerts.inc(len(new))
+        return self.last_flagged
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.serve.snapshot_interval_s):
@@ -368,6 +359,19 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
         return {"model_version": loaded.version, "threshold": loaded.model.threshold,
                 "results": [{k: r[k] for k in ("host", "pid", "name", "score", "flagged", "reasons")}
                             for r in scored]}
+
+    @app.get("/anomaly/alerts")
+    def anomaly_alerts(since: float | None = None, host: str | None = None,
+                       all: bool = False, limit: int = 500) -> dict[str, Any]:  # noqa: A002
+        from milton.anomaly.alerts import list_alerts, open_summary
+
+        db = open_store(settings.db_path, settings.store.busy_timeout_ms)
+        try:
+            return {**open_summary(db.conn),
+                    "alerts": list_alerts(db.conn, since=since, host=host, include_acked=all,
+                                          limit=max(0, min(limit, 5000)))}
+        finally:
+            db.close()
 
     @app.get("/ml/telemetry")
     def telemetry() -> dict[str, Any]:
