@@ -376,3 +376,17 @@ def test_train_lora_memory_cap_comes_from_config(home, exe, monkeypatch):
     monkeypatch.setenv("MILTON_EVOLVE__MEMORY_MAX", "6G")
     units = systemd.render_units(_settings(), exe=exe)
     assert _keys(units["milton-evolve.service"])["MemoryMax"] == ["6G"]
+
+
+def test_install_enables_serve_unless_told_not_to(home, tmp_path, exe):
+    """Live scoring and alert delivery need serve: the installer enables it by default."""
+    runner = CliRunner()
+    result = runner.invoke(milton.cli.app, ["systemd", "install", "--user", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    enable = [line for line in result.output.splitlines() if "enable --now" in line]
+    assert len(enable) == 1 and enable[0].rstrip().endswith(systemd.SERVE)
+    result = runner.invoke(milton.cli.app, ["systemd", "install", "--user", "--dry-run", "--no-serve"])
+    assert result.exit_code == 0, result.output
+    enable = [line for line in result.output.splitlines() if "enable --now" in line]
+    assert len(enable) == 1 and systemd.SERVE not in enable[0]
+    assert systemd.install(_settings(), "user", dry_run=True).commands[-1][-1] == systemd.SERVE

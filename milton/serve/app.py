@@ -262,6 +262,8 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
         reasons = []
         if llm.status == "degraded":
             reasons.append(llm.error)
+        if hot.degraded:
+            reasons.append(f"anomaly model: {hot.degraded}")
         return {"status": "degraded" if reasons else "ok", "reasons": reasons}
 
     def publish_state(status: str) -> None:
@@ -399,7 +401,7 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
                 "reloads": hot.reloads, "last_reload": hot.last_reload,
                 "reload_failures": hot.failures, "fallbacks": hot.fallbacks,
                 "last_error": hot.last_error, "last_load_s": hot.last_load_s,
-                "last_swap_s": hot.last_swap_s,
+                "last_swap_s": hot.last_swap_s, "degraded": hot.degraded,
             },
             "training_runs": {"counts": counts, "recent": runs},
             "live_snapshots": {"enabled": settings.serve.snapshot_enabled, "runs": snapshots.runs,
