@@ -24,12 +24,13 @@ UNIT_NAMES = set(systemd.UNITS)
 JOBS = {"milton-ingest": "ingest processes", "milton-train-anomaly": "train-anomaly",
         "milton-ingest-documents": "ingest documents", "milton-compress-memory": "compress-memory",
         "milton-backup": "backup", "milton-check": "status --check",
-        "milton-train-lora": "train-lora", "milton-evolve": "evolve"}
+        "milton-train-lora": "train-lora", "milton-evolve": "evolve", "milton-agent": "agent"}
 CALENDARS = {"milton-ingest.timer": "*:0/5", "milton-train-anomaly.timer": "hourly",
              "milton-ingest-documents.timer": "*-*-* 00/6:00:00",
              "milton-compress-memory.timer": "Sun *-*-* 02:00:00",
              "milton-backup.timer": "Sun *-*-* 03:00:00", "milton-check.timer": "*-*-* 09:00:00",
-             "milton-train-lora.timer": "*-*-* 02:00:00", "milton-evolve.timer": "*-*-01 03:00:00"}
+             "milton-train-lora.timer": "*-*-* 02:00:00", "milton-evolve.timer": "*-*-01 03:00:00",
+             "milton-agent.timer": "*:2/5"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -265,7 +266,8 @@ def test_systemd_analyze_calendar(home, exe):
     limits = {"milton-ingest.timer": 300, "milton-train-anomaly.timer": 3600,
               "milton-ingest-documents.timer": 6 * 3600, "milton-compress-memory.timer": 7 * 86400,
               "milton-backup.timer": 7 * 86400, "milton-check.timer": 86400,
-              "milton-train-lora.timer": 86400, "milton-evolve.timer": 31 * 86400}
+              "milton-train-lora.timer": 86400, "milton-evolve.timer": 31 * 86400,
+              "milton-agent.timer": 300}
     assert set(values) == set(limits)
     env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
     for name, value in values.items():
@@ -289,6 +291,8 @@ def test_systemd_analyze_calendar(home, exe):
             assert (nxt.hour, nxt.minute, nxt.second) == (2, 0, 0), nxt
         if name == "milton-evolve.timer":
             assert (nxt.day, nxt.hour, nxt.minute, nxt.second) == (1, 3, 0, 0), nxt
+        if name == "milton-agent.timer":  # off the ingest timer's minutes
+            assert nxt.minute % 5 == 2 and nxt.second == 0, nxt
 
 
 # -- CLI ----------------------------------------------------------------------------------

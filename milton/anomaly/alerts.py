@@ -228,3 +228,18 @@ def record_and_notify(settings: Any, scored: Sequence[dict[str, Any]], snapshot_
         return new
     finally:
         db.close()
+
+
+def alert_on_rows(settings: Any, model: Any, model_version: str | None,
+                  rows: Sequence[tuple]) -> list[dict[str, Any]]:
+    """Score full process rows (``COLUMNS`` order, one or more snapshots, e.g. pushed by fleet
+    agents) snapshot by snapshot, and record and notify alerts for the flagged ones."""
+    from milton.anomaly.detect import score_rows
+
+    by_snapshot: dict[str, list[tuple]] = {}
+    for row in rows:
+        by_snapshot.setdefault(row[0], []).append(row)
+    new: list[dict[str, Any]] = []
+    for sid, group in by_snapshot.items():
+        new += record_and_notify(settings, score_rows(model, group), sid, model_version)
+    return new

@@ -362,6 +362,44 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
                 "results": [{k: r[k] for k in ("host", "pid", "name", "score", "flagged", "reasons")}
                             for r in scored]}
 
+    @app.post("/ingest/processes")
+    async def ingest_push(request: Request) -> Any:
+        """A fleet agent's snapshots (see milton.ingest.agent); scored for alerts once stored."""
+        from milton.anomaly.alerts import alert_on_rows
+        from milton.core.errors import InputError
+        from milton.ingest.hub import TooLarge, parse_body, store_push
+
+        limit = settings.serve.max_push_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            return _error(413, f"body larger than {limit} bytes (serve.max_push_bytes)", "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return _error(413, f"body larger than {limit} bytes (serve.max_push_bytes)",
+                              "request_too_large")
+            chunks.append(chunk)
+
+        def receive() -> Any:
+            rows = parse_body(b"".join(chunks), settings.serve.max_push_rows)
+            db = open_store(settings.db_path, settings.store.busy_timeout_ms)
+            try:
+                return store_push(db, rows)
+            finally:
+                db.close()
+
+        try:
+            report = await asyncio.to_thread(receive)
+        except TooLarge as exc:
+            return _error(413, str(exc), "request_too_large")
+        except InputError as exc:
+            return _error(400, str(exc), "invalid_request_error")
+        loaded = hot.get()
+        if loaded is not None and report.new_rows:
+            await asyncio.to_thread(alert_on_rows, settings, loaded.model, loaded.version,
+                                    report.new_rows)
+        return report.as_dict()
+
     @app.get("/anomaly/alerts")
     def anomaly_alerts(since: float | None = None, host: str | None = None,
                        all: bool = False, limit: int = 500) -> dict[str, Any]:  # noqa: A002
