@@ -367,6 +367,7 @@ def _register_optional() -> None:
     __import__("milton.serve.chat_cli", fromlist=["register"]).register(app)
     __import__("milton.anomaly.alerts_cli", fromlist=["register"]).register(app, State.settings)
     __import__("milton.ingest.agent_cli", fromlist=["register"]).register(app, State.settings)
+    __import__("milton.ops.briefing_cli", fromlist=["register"]).register(app, State.settings)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

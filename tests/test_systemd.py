@@ -24,13 +24,14 @@ UNIT_NAMES = set(systemd.UNITS)
 JOBS = {"milton-ingest": "ingest processes", "milton-train-anomaly": "train-anomaly",
         "milton-ingest-documents": "ingest documents", "milton-compress-memory": "compress-memory",
         "milton-backup": "backup", "milton-check": "status --check",
-        "milton-train-lora": "train-lora", "milton-evolve": "evolve", "milton-agent": "agent"}
+        "milton-train-lora": "train-lora", "milton-evolve": "evolve", "milton-agent": "agent",
+        "milton-briefing": "briefing"}
 CALENDARS = {"milton-ingest.timer": "*:0/5", "milton-train-anomaly.timer": "hourly",
              "milton-ingest-documents.timer": "*-*-* 00/6:00:00",
              "milton-compress-memory.timer": "Sun *-*-* 02:00:00",
              "milton-backup.timer": "Sun *-*-* 03:00:00", "milton-check.timer": "*-*-* 09:00:00",
              "milton-train-lora.timer": "*-*-* 02:00:00", "milton-evolve.timer": "*-*-01 03:00:00",
-             "milton-agent.timer": "*:2/5"}
+             "milton-agent.timer": "*:2/5", "milton-briefing.timer": ["*-*-* 08:00:00", "*-*-* 20:00:00"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -155,7 +156,7 @@ def test_render_contents(home, exe):
         assert k["WantedBy"] == ["timers.target"]
         assert k["RandomizedDelaySec"]
     for timer, calendar in CALENDARS.items():
-        assert _keys(units[timer])["OnCalendar"] == [calendar]
+        assert _keys(units[timer])["OnCalendar"] == (calendar if isinstance(calendar, list) else [calendar])
     serve = _keys(units["milton-serve.service"])
     assert serve["Type"] == ["simple"]
     assert serve["Restart"] == ["on-failure"]
@@ -267,7 +268,7 @@ def test_systemd_analyze_calendar(home, exe):
               "milton-ingest-documents.timer": 6 * 3600, "milton-compress-memory.timer": 7 * 86400,
               "milton-backup.timer": 7 * 86400, "milton-check.timer": 86400,
               "milton-train-lora.timer": 86400, "milton-evolve.timer": 31 * 86400,
-              "milton-agent.timer": 300}
+              "milton-agent.timer": 300, "milton-briefing.timer": 86400}
     assert set(values) == set(limits)
     env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
     for name, value in values.items():
@@ -291,6 +292,8 @@ def test_systemd_analyze_calendar(home, exe):
             assert (nxt.hour, nxt.minute, nxt.second) == (2, 0, 0), nxt
         if name == "milton-evolve.timer":
             assert (nxt.day, nxt.hour, nxt.minute, nxt.second) == (1, 3, 0, 0), nxt
+        if name == "milton-briefing.timer":  # the last of its two calendars
+            assert (nxt.hour, nxt.minute, nxt.second) == (20, 0, 0), nxt
         if name == "milton-agent.timer":  # off the ingest timer's minutes
             assert nxt.minute % 5 == 2 and nxt.second == 0, nxt
 

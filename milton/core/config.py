@@ -308,6 +308,7 @@ class NotifyConfig(_Section):
         default=True, description="Notify when the newest backup is missing or too old."
     )
     on_alert: bool = Field(default=True, description="Notify when the detector opens a new alert.")
+    on_briefing: bool = Field(default=True, description="Send the 08:00 and 20:00 briefings (milton briefing).")
     alerts_per_hour: int = Field(
         default=6, ge=0, le=3600,
         description="At most this many alert notifications an hour; more are summed up in the next.",
