@@ -98,7 +98,7 @@ def test_two_agents_and_a_hub_restart_lose_and_duplicate_nothing(tmp_path, cli):
         saved = spool.path.read_bytes()
         assert push("beta", srv.base, snapshot=False).metrics["sent"] == 1
         spool.path.write_bytes(saved)
-        spool._write_offset(0)
+        spool.set_offset(0)
         again = push("beta", srv.base, snapshot=False)
         assert again.metrics["sent"] == 0 and again.metrics["duplicates"] == 1
         assert sum(1 for sid, *_ in _hub_rows(hub)[1] if sid == "resend-1") == 1

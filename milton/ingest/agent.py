@@ -74,7 +74,7 @@ class Spool:
                     os.fsync(f.fileno())
                     size = keep
         if self.offset() > size:
-            self._write_offset(0)
+            self.set_offset(0)
 
     def offset(self) -> int:
         try:
@@ -82,7 +82,8 @@ class Spool:
         except (FileNotFoundError, ValueError):
             return 0
 
-    def _write_offset(self, value: int) -> None:
+    def set_offset(self, value: int) -> None:
+        """Durably record where the unsent part of the spool starts."""
         tmp = self.offset_path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             f.write(str(value))
@@ -119,7 +120,7 @@ class Spool:
             for _ in range(count):
                 if not f.readline():
                     break
-            self._write_offset(f.tell())
+            self.set_offset(f.tell())
 
     # -- reading ------------------------------------------------------------------------------
     def batches(self, snapshots: int, max_bytes: int) -> Iterator[tuple[list[bytes], int]]:
@@ -150,9 +151,9 @@ class Spool:
                 f.truncate(0)
                 f.flush()
                 os.fsync(f.fileno())
-            self._write_offset(0)
+            self.set_offset(0)
         else:
-            self._write_offset(end_offset)
+            self.set_offset(end_offset)
 
     def reject(self, lines: list[bytes], end_offset: int, reason: str) -> None:
         """Set aside snapshots the hub called invalid (they would block the queue forever)."""

@@ -13,7 +13,8 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
 
 
 def alert_summary(conn: sqlite3.Connection) -> dict[str, Any] | None:
-    """Open alerts in all and per host, and the newest five; None before the alerts schema."""
+    """Open alerts in all and per host, and the newest five; None before the alerts schema.
+    (milton.anomaly.alerts.open_summary says the same to serve; ops may not import anomaly.)"""
     if "acked_at" not in _columns(conn, "alerts"):
         return None
     per_host = dict(conn.execute(

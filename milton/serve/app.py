@@ -396,8 +396,12 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
             return _error(400, str(exc), "invalid_request_error")
         loaded = hot.get()
         if loaded is not None and report.new_rows:
-            await asyncio.to_thread(alert_on_rows, settings, loaded.model, loaded.version,
-                                    report.new_rows)
+            try:  # stored already: a scoring problem must not make the agent resend
+                await asyncio.to_thread(alert_on_rows, settings, loaded.model, loaded.version,
+                                        report.new_rows)
+            except Exception as exc:  # noqa: BLE001 - logged; the rows are safe
+                log_event(logger, "scoring pushed snapshots failed", level=logging.ERROR,
+                          error=f"{type(exc).__name__}: {exc}")
         return report.as_dict()
 
     @app.get("/anomaly/alerts")
