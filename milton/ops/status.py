@@ -32,6 +32,8 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
     "backup": ("size_bytes", "files"),
     "train-lora": ("status_detail", "candidate_eval_ppl"),
     "evolve": ("status_detail", "candidate_size_mb"),
+    "agent": ("sent", "pending"),
+    "briefing": ("new_alerts",),
 }
 _SKIP_METRICS = {"duration_s", "source", "rejected_rows", "reason", "summarizer", "groups"}
 GIB = 1024**3
