@@ -62,3 +62,27 @@ def test_corrupt_current_at_start_falls_back_and_recovers(tmp_path):
         assert health["anomaly_model"] == v4 and health["status"] == "ok", health
         assert health["reasons"] == []
     assert v1 != v2
+
+
+def test_rollback_to_the_fallback_clears_degraded(tmp_path):
+    """In-process: current corrupt -> fallback serves, degraded; `models rollback` to the version
+    that serves -> healthy without a reload."""
+    from milton.anomaly.model import load_verified
+    from milton.serve.hot import HotModel
+
+    settings = load_settings(environ={"MILTON_HOME": str(tmp_path)}).settings
+    ws = Workstation(seed=6)
+    db = open_store(settings.db_path)
+    for k in range(2 * 48):
+        ingest_snapshot(db, ws.snapshot(T0 + k * 1800.0))
+    db.close()
+    for hours in (0, 1):
+        assert run_job("train-anomaly", train_anomaly, settings, now=datetime.fromtimestamp(
+            T0 + 2 * 86400 + hours * 3600, timezone.utc)).status == "ok"
+    store = ArtifactStore(settings.paths.checkpoints_dir, KIND)
+    first, bad = [v.name for v in store.versions()]
+    (store.dir / bad / "meta.json").write_text("{}")
+    hot = HotModel(store, lambda s, n: load_verified(s, n))
+    assert hot.check() and hot.get().version == first and bad in hot.degraded
+    store.rollback(first)
+    assert not hot.check() and hot.degraded is None and hot.get().version == first

@@ -59,6 +59,8 @@ class HotModel(Generic[T]):
         with self._check_lock:
             name = self.store.current_name()
             loaded = self._loaded
+            if loaded is not None and name == loaded.version and self.degraded:
+                self.degraded = None  # `current` was pointed back at what serves: healthy again
             if name is None or (loaded is not None and loaded.version == name) or name in self._bad:
                 return False
             t0 = time.perf_counter()
