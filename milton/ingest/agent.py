@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from milton.core.errors import MiltonError
+from milton.ingest.processes import COLUMNS
 
 SPOOL, OFFSET, REJECTED = "spool.jsonl", "spool.offset", "rejected.jsonl"
-_RECORD_KEYS = ("snapshot_id", "host", "ts", "pid", "ppid", "name", "exe", "username", "cpu",
-                "rss", "create_time")  # milton.ingest.processes.COLUMNS, as the hub reads them
 
 
 class HubUnreachable(MiltonError):
@@ -103,7 +102,7 @@ class Spool:
     # -- writing ----------------------------------------------------------------------------
     def append(self, rows: list[tuple]) -> None:
         """Spool one snapshot (rows in ``COLUMNS`` order), durably."""
-        records = [dict(zip(_RECORD_KEYS, row)) for row in rows]
+        records = [dict(zip(COLUMNS, row)) for row in rows]  # the canonical keys the hub reads
         line = json.dumps(records, separators=(",", ":"), ensure_ascii=False) + "\n"
         with open(self.path, "ab") as f:
             f.write(line.encode("utf-8"))
