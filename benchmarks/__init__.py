@@ -4,5 +4,5 @@ Each ``bench_<name>.py`` module exposes ``run(quick: bool) -> dict`` returning f
 and parameters; ``__main__`` runs them, prints a table and writes ``benchmarks/results/``.
 """
 
-NAMES = ("ingest", "train", "score", "reload", "memory", "backup", "train_lora", "swap", "serve",
+NAMES = ("ingest", "train", "score", "reload", "memory", "backup", "train_lora", "swap", "serve", "agent",
          "evolve")

@@ -24,12 +24,14 @@ UNIT_NAMES = set(systemd.UNITS)
 JOBS = {"milton-ingest": "ingest processes", "milton-train-anomaly": "train-anomaly",
         "milton-ingest-documents": "ingest documents", "milton-compress-memory": "compress-memory",
         "milton-backup": "backup", "milton-check": "status --check",
-        "milton-train-lora": "train-lora", "milton-evolve": "evolve"}
+        "milton-train-lora": "train-lora", "milton-evolve": "evolve", "milton-agent": "agent",
+        "milton-briefing": "briefing"}
 CALENDARS = {"milton-ingest.timer": "*:0/5", "milton-train-anomaly.timer": "hourly",
              "milton-ingest-documents.timer": "*-*-* 00/6:00:00",
              "milton-compress-memory.timer": "Sun *-*-* 02:00:00",
              "milton-backup.timer": "Sun *-*-* 03:00:00", "milton-check.timer": "*-*-* 09:00:00",
-             "milton-train-lora.timer": "*-*-* 02:00:00", "milton-evolve.timer": "*-*-01 03:00:00"}
+             "milton-train-lora.timer": "*-*-* 02:00:00", "milton-evolve.timer": "*-*-01 03:00:00",
+             "milton-agent.timer": "*:2/5", "milton-briefing.timer": ["*-*-* 08:00:00", "*-*-* 20:00:00"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -154,7 +156,7 @@ def test_render_contents(home, exe):
         assert k["WantedBy"] == ["timers.target"]
         assert k["RandomizedDelaySec"]
     for timer, calendar in CALENDARS.items():
-        assert _keys(units[timer])["OnCalendar"] == [calendar]
+        assert _keys(units[timer])["OnCalendar"] == (calendar if isinstance(calendar, list) else [calendar])
     serve = _keys(units["milton-serve.service"])
     assert serve["Type"] == ["simple"]
     assert serve["Restart"] == ["on-failure"]
@@ -265,7 +267,8 @@ def test_systemd_analyze_calendar(home, exe):
     limits = {"milton-ingest.timer": 300, "milton-train-anomaly.timer": 3600,
               "milton-ingest-documents.timer": 6 * 3600, "milton-compress-memory.timer": 7 * 86400,
               "milton-backup.timer": 7 * 86400, "milton-check.timer": 86400,
-              "milton-train-lora.timer": 86400, "milton-evolve.timer": 31 * 86400}
+              "milton-train-lora.timer": 86400, "milton-evolve.timer": 31 * 86400,
+              "milton-agent.timer": 300, "milton-briefing.timer": 86400}
     assert set(values) == set(limits)
     env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
     for name, value in values.items():
@@ -289,6 +292,10 @@ def test_systemd_analyze_calendar(home, exe):
             assert (nxt.hour, nxt.minute, nxt.second) == (2, 0, 0), nxt
         if name == "milton-evolve.timer":
             assert (nxt.day, nxt.hour, nxt.minute, nxt.second) == (1, 3, 0, 0), nxt
+        if name == "milton-briefing.timer":  # the last of its two calendars
+            assert (nxt.hour, nxt.minute, nxt.second) == (20, 0, 0), nxt
+        if name == "milton-agent.timer":  # off the ingest timer's minutes
+            assert nxt.minute % 5 == 2 and nxt.second == 0, nxt
 
 
 # -- CLI ----------------------------------------------------------------------------------
@@ -376,3 +383,17 @@ def test_train_lora_memory_cap_comes_from_config(home, exe, monkeypatch):
     monkeypatch.setenv("MILTON_EVOLVE__MEMORY_MAX", "6G")
     units = systemd.render_units(_settings(), exe=exe)
     assert _keys(units["milton-evolve.service"])["MemoryMax"] == ["6G"]
+
+
+def test_install_enables_serve_unless_told_not_to(home, tmp_path, exe):
+    """Live scoring and alert delivery need serve: the installer enables it by default."""
+    runner = CliRunner()
+    result = runner.invoke(milton.cli.app, ["systemd", "install", "--user", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    enable = [line for line in result.output.splitlines() if "enable --now" in line]
+    assert len(enable) == 1 and enable[0].rstrip().endswith(systemd.SERVE)
+    result = runner.invoke(milton.cli.app, ["systemd", "install", "--user", "--dry-run", "--no-serve"])
+    assert result.exit_code == 0, result.output
+    enable = [line for line in result.output.splitlines() if "enable --now" in line]
+    assert len(enable) == 1 and systemd.SERVE not in enable[0]
+    assert systemd.install(_settings(), "user", dry_run=True).commands[-1][-1] == systemd.SERVE

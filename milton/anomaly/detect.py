@@ -75,7 +75,7 @@ def score_rows(model: AnomalyModel, rows: list[tuple]) -> list[dict[str, Any]]:
     for row, srow, score, flagged in zip(rows, scoring, result.scores, result.flagged):
         out.append({
             "host": row[1], "ts": row[2], "pid": row[3], "ppid": row[4], "name": row[5],
-            "exe": row[6], "username": row[7], "score": round(float(score), 6),
+            "exe": row[6], "username": row[7], "parent": srow[7], "score": round(float(score), 6),
             "flagged": bool(flagged), "reasons": model.reasons(srow) if flagged else [],
         })
     return out

@@ -20,6 +20,9 @@ class Proc:
     user: str = "alice"
     rss_mb: float = 50.0
     cpu: float = 0.5
+    # Names of possible parents: the first one present in the snapshot is used (when several
+    # are given, a deterministic pick by time spreads the sightings); None means init.
+    parent: tuple[str, ...] | str | None = None
 
 
 SYSTEM = [Proc(n, f"/usr/lib/systemd/{n}" if n.startswith("systemd") else f"/usr/sbin/{n}",
@@ -40,7 +43,10 @@ WORK_APPS = [Proc(n, f"/usr/bin/{n}", "alice", rss, cpu) for n, rss, cpu in [
     ("firefox", 900, 8.0), ("code", 700, 5.0), ("slack", 400, 2.0), ("thunderbird", 300, 1.0),
 ]]
 # Short-lived commands, most used first: usage follows a Zipf law, as shell histories do.
-COMMANDS = [Proc(n, f"/usr/bin/{n}", "alice", 10, 15.0) for n in [
+# Started from the shell, some from the editor's terminal or tasks as well.
+_EDITOR_TOO = {"git", "python3", "node", "npm", "pytest", "rg", "make", "cargo"}
+COMMANDS = [Proc(n, f"/usr/bin/{n}", "alice", 10, 15.0,
+                 ("bash", "code") if n in _EDITOR_TOO else "bash") for n in [
     "git", "python3", "make", "gcc", "cc1", "ld", "grep", "ls", "less", "vim", "ssh", "curl",
     "node", "npm", "pytest", "rg", "find", "sed", "awk", "tar",
     "gdb", "strace", "valgrind", "rsync", "scp", "htop", "top", "dig", "nmap", "ping",
@@ -62,6 +68,8 @@ class Workstation:
     zipf_s: float = 1.1
     tools: list[tuple[Proc, float, float]] = field(default_factory=list)  # (proc, start, end)
     injected: dict[float, list[Proc]] = field(default_factory=dict)  # ts -> procs
+    extra_working: list[Proc] = field(default_factory=list)  # more working-hours applications
+    extra_commands: list[tuple[Proc, float]] = field(default_factory=list)  # (proc, chance)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -86,6 +94,11 @@ class Workstation:
         scale = 1.0 if working else 0.1
         draws = rng.random(len(COMMANDS))
         procs += [p for p, r, q in zip(COMMANDS, draws, self.command_p) if r < q * scale]
+        if working:
+            procs += self.extra_working
+        if self.extra_commands:
+            extra = rng.random(len(self.extra_commands))
+            procs += [p for (p, q), r in zip(self.extra_commands, extra) if r < q * scale]
         if weekday == 6 and hour == 2:
             procs.append(BACKUP)
         for proc, start, end in self.tools:
@@ -100,7 +113,75 @@ class Workstation:
         rows = []
         procs = self.processes_at(ts)
         noise = self.rng.lognormal(0.0, 0.15, size=(len(procs), 2))
+        pids: dict[str, int] = {}
+        for pid, proc in enumerate(procs, start=100):
+            pids.setdefault(proc.name, pid)
         for pid, (proc, (a, b)) in enumerate(zip(procs, noise.tolist()), start=100):
-            rows.append((sid, self.host, float(ts), pid, 1, proc.name, proc.exe, proc.user,
-                         round(proc.cpu * b, 3), int(proc.rss_mb * a * 1048576), ts - 3600.0))
+            rows.append((sid, self.host, float(ts), pid, _ppid(proc, pids, ts), proc.name,
+                         proc.exe, proc.user, round(proc.cpu * b, 3),
+                         int(proc.rss_mb * a * 1048576), ts - 3600.0))
         return rows
+
+
+def _ppid(proc: Proc, pids: dict[str, int], ts: float) -> int:
+    """The pid of the process's parent in this snapshot (1, init, when none is running)."""
+    if proc.parent is None:
+        return 1
+    if isinstance(proc.parent, str):
+        return pids.get(proc.parent, 1)
+    present = [pids[p] for p in proc.parent if p in pids]
+    if not present:
+        return 1
+    return present[(int(ts // 3600) * 7 + len(proc.name)) % len(present)]
+
+
+# -- a small fleet: a workstation with an office suite and a web/database server -------------
+OFFICE = Proc("soffice.bin", "/usr/lib/libreoffice/program/soffice.bin", "alice", 250, 2.0,
+              "gnome-shell")
+SH = Proc("sh", "/usr/bin/sh", "alice", 2, 0.1, "bash")
+SERVER_SYSTEM = [p for p in SYSTEM if p.name in {
+    "systemd", "systemd-journald", "systemd-udevd", "systemd-logind", "systemd-resolved",
+    "dbus-daemon", "sshd", "cron", "rsyslogd", "polkitd", "containerd", "irqbalance"}]
+SERVER_ALWAYS = [
+    Proc("nginx", "/usr/sbin/nginx", "root", 12, 0.05, "systemd"),
+    *[Proc("nginx", "/usr/sbin/nginx", "www-data", 30, 1.5, "nginx")] * 2,
+    Proc("php-fpm8.2", "/usr/sbin/php-fpm8.2", "root", 25, 0.05, "systemd"),
+    *[Proc("php-fpm8.2", "/usr/sbin/php-fpm8.2", "www-data", 60, 4.0, "php-fpm8.2")] * 3,
+    Proc("postgres", "/usr/lib/postgresql/16/bin/postgres", "postgres", 120, 0.5, "systemd"),
+    *[Proc("postgres", "/usr/lib/postgresql/16/bin/postgres", "postgres", 40, 1.0, "postgres")] * 4,
+    Proc("redis-server", "/usr/bin/redis-server", "redis", 30, 0.3, "systemd"),
+]
+# (process, chance per snapshot): cron jobs run shells as root and as www-data; an admin
+# logs in now and then.
+SERVER_COMMANDS = [
+    (Proc("sh", "/usr/bin/sh", "root", 2, 0.1, "cron"), 0.5),
+    (Proc("sh", "/usr/bin/sh", "www-data", 2, 0.1, "cron"), 0.4),
+    (Proc("php", "/usr/bin/php8.2", "www-data", 40, 20.0, "sh"), 0.3),
+    (Proc("logrotate", "/usr/sbin/logrotate", "root", 5, 1.0, "sh"), 0.05),
+    (Proc("bash", "/usr/bin/bash", "admin", 5, 0.0, "sshd"), 0.15),
+    (Proc("psql", "/usr/bin/psql", "postgres", 10, 0.5, "bash"), 0.05),
+    (Proc("vim", "/usr/bin/vim", "admin", 10, 0.2, "bash"), 0.05),
+    (Proc("htop", "/usr/bin/htop", "admin", 5, 1.0, "bash"), 0.05),
+]
+
+
+@dataclass
+class Server(Workstation):
+    """A web and database server: daemons always on, cron shells, an occasional admin login."""
+
+    host: str = "srv1"
+
+    def processes_at(self, ts: float) -> list[Proc]:
+        hour = int(ts // 3600) % 24
+        procs = list(SERVER_SYSTEM) + list(SERVER_ALWAYS)
+        draws = self.rng.random(len(SERVER_COMMANDS))
+        busy = 1.0 if 7 <= hour < 20 else 0.5
+        procs += [p for (p, q), r in zip(SERVER_COMMANDS, draws) if r < q * busy]
+        procs += self.injected.get(ts, [])
+        return procs
+
+
+def fleet(seed: int = 0) -> list[Workstation]:
+    """Two hosts: ``ws1`` (a desktop with an office suite) and ``srv1`` (nginx, PHP, Postgres)."""
+    ws = Workstation(host="ws1", seed=seed, extra_working=[OFFICE], extra_commands=[(SH, 0.3)])
+    return [ws, Server(host="srv1", seed=seed + 1)]

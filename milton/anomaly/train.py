@@ -15,7 +15,13 @@ import numpy as np
 import sqlite_utils
 from sklearn.ensemble import IsolationForest
 
-from milton.anomaly.model import FEATURES, AnomalyModel, Profile, build_features
+from milton.anomaly.model import (
+    FEATURES,
+    MIN_PARENT_SIGHTINGS,
+    AnomalyModel,
+    Profile,
+    build_features,
+)
 from milton.core.config import AnomalyConfig, Settings
 from milton.core.jobs import JobContext, Skip
 from milton.core.timeutil import iso
@@ -44,17 +50,24 @@ def load_profile(db: sqlite_utils.Database, start: float, end: float) -> Profile
     hours = {(h, n, hr): c for h, n, hr, c in q(
         "select host, name, cast((ts % 86400) / 3600 as integer), count(distinct snapshot_id) "
         f"from processes {where} group by 1, 2, 3", args)}
-    return Profile(start, end, host_snapshots, procs, hours)
+    # Parent-child edges: the parent is the process whose pid is this row's ppid in the same
+    # snapshot (index processes_snapshot_pid makes that one lookup per row).
+    edges = {(h, p, c): n for h, p, c, n in q(
+        "select p.host, q.name, p.name, count(distinct p.snapshot_id) from processes p "
+        "join processes q on q.snapshot_id = p.snapshot_id and q.pid = p.ppid "
+        "where p.ts >= ? and p.ts <= ? and p.ppid != p.pid group by 1, 2, 3", args)}
+    return Profile(start, end, host_snapshots, procs, hours, edges)
 
 
 def sample_rows(db: sqlite_utils.Database, start: float, end: float,
                 per_process: int) -> tuple[list[tuple], list[float | None]]:
     """About ``per_process`` rows per process identity, evenly spread over its sightings,
-    each with the hours since that identity's previous sighting (None for the first)."""
+    each with its parent's name (``ROW_FIELDS`` order) and the hours since that identity's
+    previous sighting (None for the first)."""
     cursor = db.conn.execute(
         """
         with w as (
-            select host, name, username, exe, ts, cpu, rss,
+            select snapshot_id, host, name, username, exe, ts, cpu, rss, pid, ppid,
                    (ts - lag(ts) over p) / 3600.0 as gap,
                    row_number() over p as rn,
                    count(*) over (partition by host, name, coalesce(username, ''),
@@ -63,8 +76,10 @@ def sample_rows(db: sqlite_utils.Database, start: float, end: float,
             window p as (partition by host, name, coalesce(username, ''), coalesce(exe, '')
                          order by ts)
         )
-        select host, name, username, exe, ts, cpu, rss, gap from w
-        where (rn - 1) % max(1, cnt / ?) = 0
+        select w.host, w.name, w.username, w.exe, w.ts, w.cpu, w.rss,
+               (select q.name from processes q where q.snapshot_id = w.snapshot_id
+                and q.pid = w.ppid and w.ppid != w.pid limit 1), w.gap
+        from w where (rn - 1) % max(1, cnt / ?) = 0
         """,
         (start, end, per_process),
     )
@@ -108,12 +123,15 @@ def fit_model(db: sqlite_utils.Database, now: datetime, cfg: AnomalyConfig) -> t
         "threshold": threshold,
         "contamination": contamination,
         "flag_unseen": True,
+        "flag_unseen_edge": True,
+        "lineage_min_parent": MIN_PARENT_SIGHTINGS,
         "window_days": cfg.window_days,
     }
     metrics = {
         "records": records,
         "processes": distinct,
         "hosts": len(profile.host_snapshots),
+        "edges": len(profile.edges),
         "train_rows": len(X),
         "history_hours": round(hours, 2),
         "contamination": contamination,

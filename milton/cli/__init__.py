@@ -3,8 +3,8 @@
 The root :data:`app` holds the global options (``--config``, ``--log-level``, ``--version``);
 every command group lives in a module of its own here (``ingest``, ``anomaly``, ``serve``,
 ``doctor``, ``models``, ``config``, ``systemd``, ``memory``, ``sessions``, ``backup``,
-``status``, ``notify``, ``schedule``, ``train``, ``evolve``, ``chat``), built on
-:mod:`milton.cli.common`, and is attached by :func:`_register_optional` in help order.
+``status``, ``notify``, ``schedule``, ``train``, ``evolve``, ``chat``, ``alerts``, ``agent``,
+``briefing``), built on :mod:`milton.cli.common`, and is attached by :func:`_register_optional` in help order.
 :mod:`milton.cli.docs` renders the CLI reference from the result. The CLI sits on top of the
 layers: it may import anything, and nothing imports it (``milton.__main__`` and the
 ``milton`` console script call :func:`main`).
@@ -20,8 +20,11 @@ import typer
 
 from milton import __version__
 from milton.cli import (
+    agent,
+    alerts,
     anomaly,
     backup,
+    briefing,
     chat,
     config,
     doctor,
@@ -40,6 +43,7 @@ from milton.cli import (
 from milton.cli.common import State, err, out
 from milton.core.errors import EXIT_USAGE, MiltonError
 from milton.core.log import setup_logging
+from milton.core.text import safe
 
 __all__ = ["State", "app", "command", "main"]
 
@@ -99,6 +103,9 @@ def _register_optional() -> None:
     train.register(app)
     evolve.register(app)
     chat.register(app)
+    alerts.register(app)
+    agent.register(app)
+    briefing.register(app)
 
 
 def command() -> Any:
@@ -131,7 +138,7 @@ def main() -> None:
         # Without standalone mode click returns a typer.Exit's code instead of raising it.
         code = app(standalone_mode=False)
     except MiltonError as exc:
-        err.print(f"milton: error: {exc}", markup=False, highlight=False)
+        err.print(safe(f"milton: error: {exc}"), markup=False, highlight=False)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

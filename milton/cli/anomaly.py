@@ -16,6 +16,7 @@ from milton.cli.common import (
     print_json,
     run_as_job,
 )
+from milton.core.text import literal
 
 
 def train_anomaly_cmd(now: NowOpt = None) -> None:
@@ -44,8 +45,8 @@ def detect_cmd(
     for col in ("host", "pid", "name", "user", "score", "reasons"):
         table.add_column(col, overflow="fold")
     for row in shown:
-        table.add_row(row["host"], str(row["pid"]), row["name"], row["username"] or "",
-                      f"{row['score']:.3f}", "; ".join(row["reasons"]))
+        table.add_row(literal(row["host"]), str(row["pid"]), literal(row["name"]),
+                      literal(row["username"]), f"{row['score']:.3f}", literal("; ".join(row["reasons"])))
     out.print(table)
 
 

@@ -23,8 +23,9 @@ from rich.console import Console
 from milton.core.config import LoadedSettings, Settings, load_settings
 from milton.core.log import setup_logging
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one error, one line: never wrap at 80 columns
+# Markup off: names, paths and memories from outside are printed as they are (milton.core.text).
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one error, one line
 
 
 class State:

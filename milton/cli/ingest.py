@@ -10,6 +10,7 @@ import typer
 
 from milton.cli.common import NowOpt, err, run_as_job
 from milton.core.errors import InputError
+from milton.core.text import safe
 
 ingest_app = typer.Typer(help="Bring data into the store.", no_args_is_help=True)
 
@@ -32,7 +33,7 @@ def ingest_processes_cmd(
     metrics = run_as_job("ingest", ingest_processes_job(from_file, strict=strict, fmt=fmt), now)
     rejected = metrics.get("rejected_rows") or []
     for line, reason in rejected:
-        err.print(f"{metrics.get('source')}:{line}: {reason}", markup=False, highlight=False)
+        err.print(safe(f"{metrics.get('source')}:{line}: {reason}"), markup=False, highlight=False)
     total = metrics.get("rejected", len(rejected))
     if total > len(rejected):
         err.print(f"... and {total - len(rejected)} more rejected rows")

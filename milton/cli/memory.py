@@ -17,6 +17,7 @@ from milton.cli.common import (
     print_json,
     run_as_job,
 )
+from milton.core.text import literal
 
 memory_app = typer.Typer(help="Search and manage memories (short-term, working, long-term).",
                          no_args_is_help=True)
@@ -79,7 +80,7 @@ def search_cmd(
     for h in hits:
         m = h.memory
         table.add_row(str(m.id), m.tier, _age(m.created, when), f"{h.score:.3f}",
-                      ",".join(m.tags[:4]), m.content[:300])
+                      literal(",".join(m.tags[:4])), literal(m.content[:300]))
     out.print(table)
 
 
@@ -128,8 +129,8 @@ def list_cmd(
         table.add_column(col, overflow="fold")
     when = parse_now(None)
     for m in rows:
-        table.add_row(str(m.id), m.tier, m.category, _age(m.created, when), f"{m.importance:.2f}",
-                      m.content[:200])
+        table.add_row(str(m.id), m.tier, literal(m.category), _age(m.created, when), f"{m.importance:.2f}",
+                      literal(m.content[:200]))
     out.print(table)
 
 
@@ -219,7 +220,7 @@ def preferences_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machin
         table.add_column(col)
     when = parse_now(None)
     for r in rows:
-        table.add_row(r["key"], r["value"], str(r["evidence"]), str(r["sessions"]), _age(r["last_seen"], when))
+        table.add_row(literal(r["key"]), literal(r["value"]), str(r["evidence"]), str(r["sessions"]), _age(r["last_seen"], when))
     out.print(table)
 
 
@@ -267,7 +268,7 @@ def task_list_cmd(
     for col in ("id", "type", "status", "depends on", "title"):
         table.add_column(col, overflow="fold")
     for t in tasks:
-        table.add_row(str(t["id"]), t["type"], t["status"], ",".join(map(str, t["depends_on"])), t["title"])
+        table.add_row(str(t["id"]), t["type"], t["status"], ",".join(map(str, t["depends_on"])), literal(t["title"]))
     out.print(table)
 
 

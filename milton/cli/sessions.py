@@ -18,10 +18,12 @@ from milton.cli.common import (
     print_json,
     run_as_job,
 )
+from milton.core.text import literal, safe
 
 
 def _say(console: Any, text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    """Literal text (no markup, control characters shown as escapes); newlines kept."""
+    console.print(safe(text, keep_newlines=True), markup=False, highlight=False, soft_wrap=True)
 
 
 def _report_rejected(metrics: dict[str, Any]) -> None:
@@ -102,8 +104,8 @@ def list_cmd(
     for col in ("id", "user", "status", "started", "last activity", "messages", "topics"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["id"], r["user"] or "", r["status"], _ts(r["started"]), _ts(r["last_activity"]),
-                      str(r["messages"]), ", ".join(r["topics"]))
+        table.add_row(literal(r["id"]), literal(r["user"]), r["status"], _ts(r["started"]),
+                      _ts(r["last_activity"]), str(r["messages"]), literal(", ".join(r["topics"])))
     out.print(table)
 
 
@@ -124,8 +126,9 @@ def show_cmd(
     if as_json:
         print_json(record)
         return
-    _say(out, f"session {record['id']}  user={record['user'] or '-'}  status={record['status']}  "
-                  f"source={record['source']}  started={record['started']}  ended={record['ended'] or '-'}")
+    _say(out, f"session {safe(record['id'])}  user={safe(record['user'] or '-')}  "
+                  f"status={record['status']}  source={safe(record['source'])}  "
+                  f"started={record['started']}  ended={record['ended'] or '-'}")
     if record["topics"]:
         _say(out, "topics: " + ", ".join(record["topics"]))
     for message in record["messages"]:

@@ -14,6 +14,12 @@ from milton.cli.common import State, out, parse_now, print_json
 _STYLE = {"ok": "green", "failed": "red", "skipped": "yellow", "running": "cyan"}
 
 
+def _iso(ts: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
 def _size(n: float | None) -> str:
     if n is None:
         return "-"
@@ -80,6 +86,13 @@ def render(report: dict[str, Any]) -> Group:
                   f"({disk['free_percent']:.1f}%) at {disk['path']}")
     facts.add_row("newest backup", f"{backups['newest']} ({age(backups['newest_created'], now)}, "
                   f"{backups['count']} kept)" if backups["count"] else "none")
+    if report.get("hosts"):
+        from milton.core.text import literal
+
+        alerts = (report.get("alerts") or {}).get("hosts", {})
+        facts.add_row("hosts", literal(", ".join(
+            f"{h['host']} (last snapshot {age(_iso(h['last_snapshot_ts']), now)}, "
+            f"{alerts.get(h['host'], 0)} open alerts)" for h in report["hosts"])))
     serve = report.get("serve")
     if serve and serve.get("running"):
         chat = serve.get("chat") or "-"

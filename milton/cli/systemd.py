@@ -37,7 +37,9 @@ def _warn_systemctl(outcome, err, files: str) -> None:
 def install_cmd(
     user: UserOpt = True,
     dry_run: DryRunOpt = False,
-    serve: Annotated[bool, typer.Option("--serve", help="Also enable and start milton-serve.service.")] = False,
+    serve: Annotated[bool, typer.Option(
+        "--serve/--no-serve", help="Enable and start milton-serve.service (live scoring, alerts, "
+        "the assistant's API); --no-serve leaves it installed but off.")] = True,
 ) -> None:
     """Write every unit and timer in systemd/ (jobs, serve, notify@), reload systemd, enable the timers."""
     from milton.ops import systemd

@@ -10,6 +10,8 @@
 * :mod:`~milton.core.artifacts`: versioned artifacts with manifests and an atomic ``current``;
 * :mod:`~milton.core.fsio`: atomic writes and fsync; :mod:`~milton.core.inputs`: reading user
   files safely;
+* :mod:`~milton.core.text`: printing outside text literally (no markup, visible control
+  characters);
 * :mod:`~milton.core.notify`: push notifications; :mod:`~milton.core.serve_state`: what the
   running server says about itself.
 """

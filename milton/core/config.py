@@ -131,6 +131,12 @@ class ServeConfig(_Section):
     max_score_rows: int = Field(
         default=100_000, ge=1, description="Largest batch accepted by POST /anomaly/score."
     )
+    max_push_rows: int = Field(
+        default=50_000, ge=1, description="Most process rows one POST /ingest/processes may carry."
+    )
+    max_push_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest POST /ingest/processes body (bytes)."
+    )
     n_ctx: int = Field(
         default=4096, ge=64,
         description="Context window (tokens) of the served language model: prompt and answer "
@@ -204,6 +210,42 @@ class ServeConfig(_Section):
     )
 
 
+class AgentConfig(_Section):
+    """`milton agent`: snapshot this host and push to a hub's `milton serve` (a fleet)."""
+
+    push_url: str = Field(
+        default="", description="The hub's serve URL, e.g. http://hub:8000; empty = the agent "
+        "timer skips. `milton agent --push URL` overrides it."
+    )
+    api_key: SecretStr = Field(
+        default=SecretStr(""), description="The hub's serve.api_key, sent as 'Authorization: "
+        "Bearer ...'. Prefer the MILTON_AGENT__API_KEY environment variable."
+    )
+    host: str = Field(default="", max_length=255,
+                      description="Host name reported for this machine; empty = its hostname.")
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Give up on the hub after this long.")
+    batch_snapshots: int = Field(
+        default=20, ge=1, le=10_000, description="Spooled snapshots sent per request when catching up."
+    )
+    max_spool_snapshots: int = Field(
+        default=20_000, ge=1, description="Snapshots kept while the hub is unreachable (about 70 "
+        "days at one per 5 minutes); beyond, the oldest are dropped with a warning."
+    )
+
+    @field_validator("push_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        url = url.strip()
+        if not url:
+            return ""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("expected an http:// or https:// URL, or empty")
+        return url.rstrip("/")
+
+
 class JobsConfig(_Section):
     """How scheduled jobs share the machine."""
 
@@ -265,6 +307,12 @@ class NotifyConfig(_Section):
     )
     on_stale_backup: bool = Field(
         default=True, description="Notify when the newest backup is missing or too old."
+    )
+    on_alert: bool = Field(default=True, description="Notify when the detector opens a new alert.")
+    on_briefing: bool = Field(default=True, description="Send the 08:00 and 20:00 briefings (milton briefing).")
+    alerts_per_hour: int = Field(
+        default=6, ge=0, le=3600,
+        description="At most this many alert notifications an hour; more are summed up in the next.",
     )
 
     @field_validator("url")
@@ -577,6 +625,7 @@ class Settings(BaseSettings):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     backup: BackupConfig = Field(default_factory=BackupConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evolve: EvolveConfig = Field(default_factory=EvolveConfig)

@@ -375,3 +375,49 @@ def m007_evolve(db: sqlite_utils.Database) -> None:
         )
         """
     )
+
+
+@migration
+def m008_process_lineage(db: sqlite_utils.Database) -> None:
+    # The anomaly profile resolves each row's parent (same snapshot, pid = ppid): one index
+    # lookup per row. (snapshot_id, pid) also serves every lookup by snapshot_id alone.
+    db.execute("create index processes_snapshot_pid on processes (snapshot_id, pid)")
+    db.execute("drop index processes_snapshot")
+
+
+@migration
+def m009_alert_dedupe(db: sqlite_utils.Database) -> None:
+    # One open alert per process identity per UTC day: sightings raise ``count`` and
+    # ``last_ts`` instead of adding a row a minute. Rows stored before are folded the same way.
+    for column, kind in (("ident", "text"), ("day", "text"), ("first_ts", "real"),
+                         ("last_ts", "real"), ("count", "integer not null default 1"),
+                         ("parent", "text"), ("acked_at", "real"), ("notified_at", "real")):
+        db.execute(f"alter table alerts add column {column} {kind}")
+    db.execute(
+        "update alerts set ident = host || char(0) || name || char(0) || ifnull(username, '') "
+        "|| char(0) || ifnull(exe, ''), day = date(ts, 'unixepoch'), first_ts = ts, last_ts = ts, "
+        "notified_at = ts")  # stored before: not worth a flood of late notifications
+    db.execute("create index alerts_fold on alerts (ident, day)")  # keeps the folding linear
+    db.execute(
+        """
+        update alerts set
+            count = (select count(*) from alerts o where o.ident = alerts.ident and o.day = alerts.day),
+            last_ts = (select max(ts) from alerts o where o.ident = alerts.ident and o.day = alerts.day)
+        where id in (select min(id) from alerts group by ident, day)
+        """
+    )
+    db.execute("delete from alerts where id not in (select min(id) from alerts group by ident, day)")
+    db.execute("drop index alerts_fold")
+    db.execute("create unique index alerts_ident_day on alerts (ident, day)")
+    db.execute("create index alerts_open on alerts (acked_at, last_ts)")
+    db.execute(
+        """
+        create table alert_mutes (
+            id integer primary key,
+            name text not null,
+            host text not null default '',
+            created real not null,
+            unique (name, host)
+        )
+        """
+    )

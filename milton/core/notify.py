@@ -34,6 +34,8 @@ EVENTS: dict[str, str] = {
     "promotion": "on_promotion",
     "rejection": "on_rejection",
     "stale_backup": "on_stale_backup",
+    "alert": "on_alert",
+    "briefing": "on_briefing",
     "test": "",  # `milton notify test`: always sent when notifications are configured
 }
 #: ntfy shows these tags as emoji in front of the title.
@@ -42,6 +44,8 @@ DEFAULT_TAGS: dict[str, tuple[str, ...]] = {
     "promotion": ("white_check_mark",),
     "rejection": ("no_entry",),
     "stale_backup": ("floppy_disk",),
+    "alert": ("warning",),
+    "briefing": ("sunrise",),
     "test": ("wave",),
 }
 #: ntfy turns longer messages into attachments; stay below its 4096-byte limit.
@@ -87,7 +91,7 @@ def topic_url(cfg: NotifyConfig) -> str:
 
 
 def send(cfg: NotifyConfig, title: str, message: str, *, priority: str | None = None,
-         tags: Iterable[str] = ()) -> None:
+         tags: Iterable[str] = (), markdown: bool = False) -> None:
     """Publish one message; raises :class:`NotifyError` with a one-line reason on any failure."""
     if not cfg.url:
         raise NotifyError("notifications are off: set notify.url (or MILTON_NOTIFY__URL)")
@@ -98,6 +102,8 @@ def send(cfg: NotifyConfig, title: str, message: str, *, priority: str | None = 
         "Content-Type": "text/plain; charset=utf-8",
         "User-Agent": f"milton/{__version__}",
     }
+    if markdown:  # ntfy renders the body as Markdown in its web app
+        headers["Markdown"] = "yes"
     tag_list = [re.sub(r"[^-_A-Za-z0-9]", "", t) for t in tags]
     if any(tag_list):
         headers["Tags"] = ",".join(t for t in tag_list if t)
@@ -122,7 +128,7 @@ def send(cfg: NotifyConfig, title: str, message: str, *, priority: str | None = 
 
 
 def notify(settings: Settings, event: str, title: str, message: str, *,
-           priority: str | None = None, tags: Iterable[str] = ()) -> bool:
+           priority: str | None = None, tags: Iterable[str] = (), markdown: bool = False) -> bool:
     """Send ``event`` if enabled. True when the server accepted it; False otherwise, never raises.
 
     A failed notification is logged as a warning and otherwise ignored: it must never fail
@@ -132,7 +138,7 @@ def notify(settings: Settings, event: str, title: str, message: str, *,
         return False
     try:
         send(settings.notify, title, message, priority=priority,
-             tags=dict.fromkeys((*tags, *DEFAULT_TAGS.get(event, ()))))
+             tags=dict.fromkeys((*tags, *DEFAULT_TAGS.get(event, ()))), markdown=markdown)
     except NotifyError as exc:
         log_event(logger, f"notification not sent: {exc}", level=30, event=event)
         return False

@@ -202,6 +202,18 @@ def _as_ts(value: Any, name: str = "timestamp") -> float:
     return out
 
 
+def _as_time(value: Any, name: str) -> float | None:
+    """An optional time field: accepts whatever ``timestamp`` accepts (epoch or ISO-8601),
+    plus 0 (some agents report boot-time processes as created at the epoch)."""
+    if value is None or value == "":
+        return None
+    if (type(value) is int or type(value) is float) and value == 0:
+        return 0.0
+    if isinstance(value, str) and value.strip() in ("0", "0.0"):
+        return 0.0
+    return _as_ts(value, name)
+
+
 _snapshot_ids: dict[tuple[str, float], str] = {}
 _INF = float("inf")
 
@@ -282,7 +294,7 @@ def normalize_record(record: Any) -> tuple:
         _as_text(data.get("username"), "username", 256),
         _as_float(data.get("cpu"), "cpu"),
         _as_int(data.get("rss"), "rss"),
-        _as_float(data.get("create_time"), "create_time"),
+        _as_time(data.get("create_time"), "create_time"),
     )
 
 

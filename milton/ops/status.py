@@ -32,6 +32,8 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
     "backup": ("size_bytes", "files"),
     "train-lora": ("status_detail", "candidate_eval_ppl"),
     "evolve": ("status_detail", "candidate_size_mb"),
+    "agent": ("sent", "pending"),
+    "briefing": ("new_alerts",),
 }
 _SKIP_METRICS = {"duration_s", "source", "rejected_rows", "reason", "summarizer", "groups"}
 GIB = 1024**3
@@ -211,6 +213,7 @@ def gather_status(settings: Settings, *, now: datetime | None = None,
     }
     jobs: dict[str, dict[str, Any]] = {}
     memory = None
+    detector: dict[str, Any] = {"alerts": None, "hosts": []}
     conn = _connect_readonly(db_path)
     if conn is not None:
         try:
@@ -220,6 +223,10 @@ def gather_status(settings: Settings, *, now: datetime | None = None,
             if "job_runs" in tables:
                 jobs = _job_rows(conn, streak_window=max(settings.status.failure_streak, 10))
             memory = _memory_counts(conn)
+            if {"alerts", "snapshots"} <= tables:
+                from milton.ops.fleet_status import alert_summary, host_summary
+
+                detector = {"alerts": alert_summary(conn), "hosts": host_summary(conn, now.timestamp())}
         finally:
             conn.close()
     elif db_path.exists():
@@ -239,6 +246,7 @@ def gather_status(settings: Settings, *, now: datetime | None = None,
         "memory": memory,
         "backups": _backups(settings, now),
         "serve": read_serve_state(settings.paths.data_dir),
+        **detector,
     }
     report["attention"] = [asdict(a) for a in attention(report, settings)]
     return report
@@ -270,6 +278,13 @@ def attention(report: dict[str, Any], settings: Settings) -> list[Attention]:
     if serve and serve.get("running") and serve.get("chat") == "degraded":
         items.append(Attention("critical", f"serve runs degraded: {serve.get('chat_error')}",
                                "failure"))
+    alerts = report.get("alerts")
+    if alerts and alerts["open"]:
+        from milton.core.text import safe
+
+        hosts = ", ".join(f"{safe(h)} {n}" for h, n in alerts["hosts"].items())
+        items.append(Attention("warning", f"{alerts['open']} open alert(s) ({hosts}): "
+                               "`milton alerts`, then `milton alerts ack`", "alert"))
     if report["store"].get("error"):
         items.append(Attention("critical", f"store {report['store']['path']} "
                                f"{report['store']['error']}", "failure"))

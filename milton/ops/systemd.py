@@ -221,14 +221,15 @@ def install(
     mode: str = "user",
     dry_run: bool = False,
     *,
-    serve: bool = False,
+    serve: bool = True,
     exe: str | None = None,
     config_file: Path | None = None,
     target_dir: Path | None = None,
     run_systemctl: bool = True,
     echo: Printer = _noop,
 ) -> Outcome:
-    """Write the units (atomically), daemon-reload and enable --now the timers.
+    """Write the units (atomically), daemon-reload and enable --now the timers and, unless
+    ``serve=False``, milton-serve.service: live scoring and alert delivery need it running.
 
     systemctl trouble (missing, no systemd running) is reported in ``Outcome.failed``,
     never raised: the files are written and the caller prints the commands to run.

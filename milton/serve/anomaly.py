@@ -1,12 +1,16 @@
-"""Anomaly scoring in serve: the hot-reloaded model, ``POST /anomaly/score`` and live snapshots.
+"""Anomaly scoring in serve: the hot-reloaded model, ``POST /anomaly/score``, live snapshots,
+``GET /anomaly/alerts`` and the fleet agents' ``POST /ingest/processes``.
 
 The model is ``checkpoints/anomaly/current``, followed by a :class:`~milton.serve.watch.HotModel`
 (a request finishes on the model it started with). :class:`SnapshotLoop` snapshots this host
-every ``serve.snapshot_interval_s``, scores it and stores alerts for flagged processes.
+every ``serve.snapshot_interval_s``, scores it and stores alerts for flagged processes
+(deduplicated and notified by :mod:`milton.anomaly.alerts`). With a bad ``current`` at start-up
+the newest version that verifies serves, and health says degraded (``HotModel.degraded``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -16,13 +20,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from milton.anomaly.alerts import alert_on_rows, list_alerts, open_summary, record_and_notify
 from milton.anomaly.detect import score_rows
 from milton.anomaly.model import AnomalyModel, load_verified
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import Settings
+from milton.core.errors import InputError
 from milton.core.log import get_logger, log_event
 from milton.core.store import open_store
 from milton.core.timeutil import iso, utcnow
+from milton.ingest.hub import TooLarge, parse_body, store_push
 from milton.ingest.processes import RowError, normalize_record, take_snapshot
 from milton.models.layout import ANOMALY_KIND, artifact_store
 from milton.serve.metrics import Metrics
@@ -62,23 +69,13 @@ class SnapshotLoop:
         now = utcnow()
         rows = take_snapshot(now)
         scored = score_rows(loaded.model, rows)
-        alerts = [{"ts": r["ts"], "host": r["host"], "snapshot_id": rows[0][0], "pid": r["pid"],
-                   "name": r["name"], "username": r["username"], "exe": r["exe"],
-                   "score": r["score"], "model_version": loaded.version,
-                   "reasons": json.dumps(r["reasons"])} for r in scored if r["flagged"]]
-        if alerts:
-            db = open_store(self.settings.db_path, self.settings.store.busy_timeout_ms)
-            try:
-                with db.atomic():
-                    db["alerts"].insert_all(alerts)
-            finally:
-                db.close()
+        new = record_and_notify(self.settings, scored, rows[0][0] if rows else None, loaded.version)
         self.runs += 1
         self.last_run = iso(now)
-        self.last_flagged = len(alerts)
+        self.last_flagged = sum(r["flagged"] for r in scored)
         self.metrics.snapshots.inc()
-        self.metrics.alerts.inc(len(alerts))
-        return len(alerts)
+        self.metrics.alerts.inc(len(new))
+        return self.last_flagged
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.serve.snapshot_interval_s):
@@ -147,6 +144,63 @@ def mount_scoring(app: FastAPI, settings: Settings, hot: HotModel[AnomalyModel],
                             for r in scored]}
 
 
+def mount_push(app: FastAPI, settings: Settings, hot: HotModel[AnomalyModel]) -> None:
+    """``POST /ingest/processes``: a fleet agent's snapshots (see :mod:`milton.ingest.agent`),
+    stored idempotently by :mod:`milton.ingest.hub`, then scored into per-host alerts."""
+
+    @app.post("/ingest/processes")
+    async def ingest_push(request: Request) -> Any:
+        limit = settings.serve.max_push_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            return _error(413, f"body larger than {limit} bytes (serve.max_push_bytes)", "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return _error(413, f"body larger than {limit} bytes (serve.max_push_bytes)",
+                              "request_too_large")
+            chunks.append(chunk)
+
+        def receive() -> Any:
+            rows = parse_body(b"".join(chunks), settings.serve.max_push_rows)
+            db = open_store(settings.db_path, settings.store.busy_timeout_ms)
+            try:
+                return store_push(db, rows)
+            finally:
+                db.close()
+
+        try:
+            report = await asyncio.to_thread(receive)
+        except TooLarge as exc:
+            return _error(413, str(exc), "request_too_large")
+        except InputError as exc:
+            return _error(400, str(exc), "invalid_request_error")
+        loaded = hot.get()
+        if loaded is not None and report.new_rows:
+            try:  # stored already: a scoring problem must not make the agent resend
+                await asyncio.to_thread(alert_on_rows, settings, loaded.model, loaded.version,
+                                        report.new_rows)
+            except Exception as exc:  # noqa: BLE001 - logged; the rows are safe
+                log_event(logger, "scoring pushed snapshots failed", level=logging.ERROR,
+                          error=f"{type(exc).__name__}: {exc}")
+        return report.as_dict()
+
+
+def mount_alerts(app: FastAPI, settings: Settings) -> None:
+    """``GET /anomaly/alerts``: the open-alert summary and the alerts themselves."""
+
+    @app.get("/anomaly/alerts")
+    def anomaly_alerts(since: float | None = None, host: str | None = None,
+                       all: bool = False, limit: int = 500) -> dict[str, Any]:
+        db = open_store(settings.db_path, settings.store.busy_timeout_ms)
+        try:
+            return {**open_summary(db.conn),
+                    "alerts": list_alerts(db.conn, since=since, host=host, include_acked=all,
+                                          limit=max(0, min(limit, 5000)))}
+        finally:
+            db.close()
+
+
 def anomaly_telemetry(hot: HotModel[AnomalyModel]) -> dict[str, Any]:
     """The ``anomaly`` section of /ml/telemetry."""
     loaded = hot.get()
@@ -156,7 +210,7 @@ def anomaly_telemetry(hot: HotModel[AnomalyModel]) -> dict[str, Any]:
         "reloads": hot.reloads, "last_reload": hot.last_reload,
         "reload_failures": hot.failures, "fallbacks": hot.fallbacks,
         "last_error": hot.last_error, "last_load_s": hot.last_load_s,
-        "last_swap_s": hot.last_swap_s,
+        "last_swap_s": hot.last_swap_s, "degraded": hot.degraded,
     }
 
 

@@ -2,7 +2,8 @@
 
 The OpenAI-compatible assistant (/v1, with memory and session logging, adapter hot swap:
 :mod:`milton.serve.api`, its engine opened by :mod:`milton.serve.lifecycle`), anomaly scoring
-with live snapshots and alerts (:mod:`milton.serve.anomaly`), telemetry, Prometheus metrics,
+with live snapshots and alerts, the alert list and the fleet agents' push endpoint
+(:mod:`milton.serve.anomaly`), telemetry, Prometheus metrics,
 ``data/serve.json`` for ``milton status``, and hot reload of every model kind.
 """
 
@@ -29,6 +30,8 @@ from milton.serve.anomaly import (
     anomaly_model,
     anomaly_telemetry,
     export_anomaly_metrics,
+    mount_alerts,
+    mount_push,
     mount_scoring,
 )
 from milton.serve.api.openai import mount_openai
@@ -54,6 +57,8 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
         reasons = []
         if llm.status == "degraded":
             reasons.append(llm.error)
+        if hot.degraded:
+            reasons.append(f"anomaly model: {hot.degraded}")
         return {"status": "degraded" if reasons else "ok", "reasons": reasons}
 
     def publish_state(status: str) -> None:
@@ -110,6 +115,8 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
                 "anomaly_model": loaded.version if loaded else None, "chat": llm.status}
 
     mount_scoring(app, settings, hot, metrics)
+    mount_push(app, settings, hot)
+    mount_alerts(app, settings)
 
     @app.get("/ml/telemetry")
     def telemetry() -> dict[str, Any]:

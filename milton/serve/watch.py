@@ -3,6 +3,8 @@
 :class:`HotModel` is the mechanism. Readers call :meth:`HotModel.get` once per request and keep
 what it returned, so a request always finishes on the model it started with. A version that
 fails to verify or load is remembered as bad, counted, and the last good model keeps serving.
+With nothing loaded yet (at start-up) a bad ``current`` falls back to the newest version that
+verifies, and :attr:`HotModel.degraded` says so until a good new version is published.
 
 Serve uses it three times: for the anomaly model (the loaded model is the "model"), and for the
 chat engine's adapter (:class:`AdapterWatcher`, ``checkpoints/adapter`` -> ``set_adapter``) and
@@ -66,6 +68,7 @@ class HotModel(Generic[T]):
         self.last_error: str | None = None
         self.last_load_s: float | None = None
         self.last_swap_s: float | None = None
+        self.degraded: str | None = None  # why serve runs on a fallback (or nothing), if it does
 
     def get(self) -> Loaded[T] | None:
         return self._loaded
@@ -75,6 +78,8 @@ class HotModel(Generic[T]):
         with self._check_lock:
             name = self.store.current_name()
             loaded = self._loaded
+            if loaded is not None and name == loaded.version and self.degraded:
+                self.degraded = None  # `current` was pointed back at what serves: healthy again
             if name is None or (loaded is not None and loaded.version == name) or name in self._bad:
                 return False
             t0 = time.perf_counter()
@@ -89,6 +94,8 @@ class HotModel(Generic[T]):
                 log_event(self.logger, f"rejected {self.store.kind}/{name}; still serving "
                           f"{loaded.version if loaded else 'nothing'}", level=logging.ERROR,
                           error=str(exc))
+                if loaded is None:
+                    return self._fall_back(name, exc)
                 return False
             load_s = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -96,10 +103,32 @@ class HotModel(Generic[T]):
             self.last_swap_s = time.perf_counter() - t1
             self.last_load_s = load_s
             self.reloads += 1
+            self.degraded = None
             self.last_reload = self._loaded.loaded_at
             log_event(self.logger, f"now serving {self.store.kind}/{name}",
                       previous=loaded.version if loaded else None, load_s=round(load_s, 4))
             return True
+
+    def _fall_back(self, bad: str, exc: Exception) -> bool:
+        """``current`` failed with nothing loaded: serve the newest version that verifies."""
+        for version in reversed(self.store.versions()):
+            if version.name == bad or version.name in self._bad:
+                continue
+            try:
+                model = self.loader(self.store, version.name)
+            except Exception:  # noqa: BLE001 - try the next older one
+                self._bad.add(version.name)
+                continue
+            self._loaded = Loaded(model, version.name, iso(utcnow()) or "")
+            self.fallbacks += 1
+            self.degraded = (f"{self.store.kind}/{bad} (current) failed verification: {exc}; "
+                             f"serving {version.name}, the newest that verifies")
+            log_event(self.logger, f"fell back to {self.store.kind}/{version.name}",
+                      level=logging.ERROR, bad=bad, error=str(exc))
+            return True
+        self.degraded = (f"{self.store.kind}/{bad} (current) failed verification: {exc}; "
+                         "no other version verifies")
+        return False
 
     def _back_to_default(self, swap_s: float, message: str, previous: str | None) -> None:
         """``current`` went away and the consumer went back to what it serves without one:
