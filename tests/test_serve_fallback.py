@@ -4,6 +4,7 @@ new version when one is published (then "ok" again)."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timezone
 
@@ -49,6 +50,7 @@ def test_corrupt_current_at_start_falls_back_and_recovers(tmp_path):
         assert any(v3 in r and "failed verification" in r and v2 in r for r in health["reasons"])
         tele = httpx.get(f"{srv.base}/ml/telemetry").json()
         assert tele["status"] == "degraded" and v3 in tele["anomaly"]["degraded"]
+        assert _serve_state(tmp_path)["health"] == "degraded"  # what status and doctor read
         row = dict(zip(("host", "pid", "name", "timestamp"), ("ws1", 1, "xmrig", T0 + 2 * 86400)))
         scored = httpx.post(f"{srv.base}/anomaly/score", json=[row])
         assert scored.status_code == 200 and scored.json()["model_version"] == v2
@@ -61,6 +63,10 @@ def test_corrupt_current_at_start_falls_back_and_recovers(tmp_path):
             time.sleep(0.1)
         assert health["anomaly_model"] == v4 and health["status"] == "ok", health
         assert health["reasons"] == []
+        deadline = time.monotonic() + 10  # serve.json follows within a poll
+        while _serve_state(tmp_path)["health"] != "ok" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _serve_state(tmp_path)["health"] == "ok" and _serve_state(tmp_path)["reasons"] == []
     assert v1 != v2
 
 
@@ -86,3 +92,7 @@ def test_rollback_to_the_fallback_clears_degraded(tmp_path):
     assert hot.check() and hot.get().version == first and bad in hot.degraded
     store.rollback(first)
     assert not hot.check() and hot.degraded is None and hot.get().version == first
+
+
+def _serve_state(home):
+    return json.loads((home / "data" / "serve.json").read_text())

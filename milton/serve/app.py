@@ -61,6 +61,12 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
             reasons.append(f"anomaly model: {hot.degraded}")
         return {"status": "degraded" if reasons else "ok", "reasons": reasons}
 
+    published: dict[str, Any] = {}
+
+    def state_key(status: str) -> tuple[Any, ...]:
+        state = health()
+        return (status, state["status"], tuple(state["reasons"]), llm.status)
+
     def publish_state(status: str) -> None:
         """data/serve.json for `milton status` / `milton doctor` (never fails serve)."""
         state = health()
@@ -69,8 +75,17 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
                 "status": status, "started": started, "version": __version__,
                 "health": state["status"], "reasons": state["reasons"],
                 "chat": llm.status, "chat_error": llm.error, "updated": iso(utcnow())})
+            published["key"] = state_key(status)
         except OSError as exc:
             log_event(logger, "cannot write serve state", level=logging.WARNING, error=str(exc))
+
+    async def keep_state_current() -> None:
+        """Health changes after start-up too (a fallback healed by a new anomaly model, a
+        reason added): rewrite serve.json whenever what it says is no longer true."""
+        while True:
+            await asyncio.sleep(max(0.5, settings.serve.reload_poll_s))
+            if state_key("running") != published.get("key"):
+                await asyncio.to_thread(publish_state, "running")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -89,9 +104,11 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
 
         # The language model loads off the event loop; scoring works meanwhile, /v1 says 503.
         loading = asyncio.create_task(asyncio.to_thread(open_llm))
+        watching = asyncio.create_task(keep_state_current())
         log_event(logger, "serve started", version=__version__,
                   model=(hot.get().version if hot.get() else None))
         yield
+        watching.cancel()
         await loading
         llm.close(app.state.openai)
         snapshots.stop()
