@@ -37,6 +37,19 @@ ENV_PREFIX = "MILTON_"
 ENV_NESTED = "__"
 
 
+
+def http_url_or_empty(url: str, empty_means: str) -> str:
+    """An http(s) URL without its trailing slash, or "" (the setting is off)."""
+    from urllib.parse import urlsplit
+
+    url = url.strip()
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http:// or https:// URL, or empty{empty_means}")
+    return url.rstrip("/")
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -235,15 +248,7 @@ class AgentConfig(_Section):
     @field_validator("push_url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        from urllib.parse import urlsplit
-
-        url = url.strip()
-        if not url:
-            return ""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("expected an http:// or https:// URL, or empty")
-        return url.rstrip("/")
+        return http_url_or_empty(url, "")
 
 
 class JobsConfig(_Section):
@@ -318,15 +323,7 @@ class NotifyConfig(_Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        from urllib.parse import urlsplit
-
-        url = url.strip()
-        if not url:
-            return ""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("expected an http:// or https:// URL, or empty to turn notifications off")
-        return url.rstrip("/")
+        return http_url_or_empty(url, " to turn notifications off")
 
     @field_validator("priority")
     @classmethod

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from milton.core.errors import MiltonError
+from milton.core.fsio import fsync_dir
 from milton.ingest.processes import COLUMNS
 
 SPOOL, OFFSET, REJECTED = "spool.jsonl", "spool.offset", "rejected.jsonl"
@@ -34,14 +35,6 @@ class HubUnreachable(MiltonError):
 
 class HubRefused(MiltonError):
     """The hub refused the agent itself (401/403, 404: wrong URL or key): a config problem."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -89,7 +82,7 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.offset_path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def pending(self) -> int:
         """Snapshots spooled and not yet acknowledged by the hub."""
