@@ -109,6 +109,7 @@ def check_base(settings: Settings) -> tuple[Check, Any]:
 
 
 def check_generation(settings: Settings, ref: Any) -> Check:
+    from milton.models.llamacpp import gpu_layers
     from milton.models.smoke import EXPECT, PROMPT, failure_line, run_smoke
 
     if ref is None:
@@ -116,8 +117,8 @@ def check_generation(settings: Settings, ref: Any) -> Check:
     if ref.kind != "gguf":
         return Check("generation", WARNING, f"{ref.path} is served by transformers; "
                      "the llama.cpp smoke test needs a GGUF", "")
-    gpu_layers = 0 if settings.model.device == "cpu" else -1
-    result = run_smoke(ref.path, expect=EXPECT if ref.embedded else None, gpu_layers=gpu_layers)
+    result = run_smoke(ref.path, expect=EXPECT if ref.embedded else None,
+                       gpu_layers=gpu_layers(settings.model.device))
     if not result.ok:
         return Check("generation", FAILED, failure_line(result),
                      "see README, Troubleshooting: the model crashes at the first token")

@@ -123,11 +123,15 @@ def build_key(version: str, args: list[str], tag: str) -> str:
     return hashlib.sha256("\n".join([version, tag, *args]).encode()).hexdigest()[:16]
 
 
-def installed_record(python: str) -> dict:
-    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+def venv_prefix(python: str) -> Path:
+    """The virtualenv of ``python`` (its sys.prefix), where the build record lives."""
+    return Path(subprocess.run([python, "-c", "import sys; print(sys.prefix)"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+
+
+def installed_record(prefix: Path) -> dict:
     try:
-        return json.loads((Path(prefix) / RECORD).read_text())
+        return json.loads((prefix / RECORD).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -177,10 +181,8 @@ def build_wheel(python: str, sdist: Path, args: list[str], dest: Path) -> Path:
     return final
 
 
-def write_record(python: str, record: dict) -> None:
-    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"],
-                            capture_output=True, text=True, check=True).stdout.strip()
-    path = Path(prefix) / RECORD
+def write_record(prefix: Path, record: dict) -> None:
+    path = prefix / RECORD
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
 
     flags = cpu_flags()
-    record = installed_record(opts.python) if not opts.print_args else {}
+    prefix = venv_prefix(opts.python) if not opts.print_args else Path()
+    record = installed_record(prefix) if not opts.print_args else {}
     # A tier chosen once (MILTON_LLAMA_CPU=avx2 make install) sticks until the record goes.
     tier = resolve_tier(opts.tier or record.get("tier") or "auto", flags, platform.machine().lower())
     args = cmake_args(tier, flags)
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replacing the installed {PACKAGE} build ({record.get('tier', '?')}) "
               f"with the {tier} one", flush=True)
     pip(opts.python, "install", "--quiet", "--no-deps", "--force-reinstall", str(wheel))
-    write_record(opts.python, {"package": PACKAGE, "version": version, "tier": tier,
+    write_record(prefix, {"package": PACKAGE, "version": version, "tier": tier,
                                "cmake_args": args, "key": key, "wheel": str(wheel),
                                "sdist": str(sdist), "python_tag": tag})
     print(f"{PACKAGE} {version}: {tier} build ({' '.join(args)})", flush=True)

@@ -34,6 +34,12 @@ def llama_cpp() -> Any:
     return llama_cpp
 
 
+def gpu_layers(device: str) -> int:
+    """llama.cpp's ``n_gpu_layers`` for ``model.device``: none on "cpu", all otherwise (llama.cpp
+    keeps them on the CPU itself when it was built without a GPU backend)."""
+    return 0 if device == "cpu" else -1
+
+
 def install_log_callback(lc: Any) -> None:
     """Route llama.cpp's log through Python logging (once per process)."""
     global _log_callback

@@ -15,7 +15,6 @@ cause and the fix, and exits 1.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -90,9 +89,10 @@ def generate(model: str, *, tokens: int = TOKENS, threads: int = 0, gpu_layers: 
     """Load ``model`` and complete :data:`PROMPT` greedily (run in the child)."""
     import llama_cpp
 
+    from milton.models.hf import usable_cpus
+
     t0 = time.perf_counter()
-    threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                             else (os.cpu_count() or 1))
+    threads = threads or usable_cpus()
     llm = llama_cpp.Llama(model_path=model, n_ctx=128, n_batch=64, n_threads=threads,
                           n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=False)
     try:

@@ -63,19 +63,18 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
 
     published: dict[str, Any] = {}
 
-    def state_key(status: str) -> tuple[Any, ...]:
+    def current_state(status: str) -> dict[str, Any]:
         state = health()
-        return (status, state["status"], tuple(state["reasons"]), llm.status)
+        return {"status": status, "health": state["status"], "reasons": state["reasons"],
+                "chat": llm.status, "chat_error": llm.error}
 
     def publish_state(status: str) -> None:
         """data/serve.json for `milton status` / `milton doctor` (never fails serve)."""
-        state = health()
+        state = current_state(status)
         try:
             write_serve_state(settings.paths.data_dir, {
-                "status": status, "started": started, "version": __version__,
-                "health": state["status"], "reasons": state["reasons"],
-                "chat": llm.status, "chat_error": llm.error, "updated": iso(utcnow())})
-            published["key"] = state_key(status)
+                **state, "started": started, "version": __version__, "updated": iso(utcnow())})
+            published["state"] = state
         except OSError as exc:
             log_event(logger, "cannot write serve state", level=logging.WARNING, error=str(exc))
 
@@ -84,7 +83,7 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
         reason added): rewrite serve.json whenever what it says is no longer true."""
         while True:
             await asyncio.sleep(max(0.5, settings.serve.reload_poll_s))
-            if state_key("running") != published.get("key"):
+            if current_state("running") != published.get("state"):
                 await asyncio.to_thread(publish_state, "running")
 
     @asynccontextmanager

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from milton.core.config import Settings
 from milton.core.errors import MiltonError
 from milton.core.log import get_logger, log_event
+from milton.models.llamacpp import gpu_layers
 from milton.models.smoke import failure_line, run_smoke
 from milton.serve.api.metrics import percentile
 from milton.serve.engines.select import resolve_serve_base, serve_backend
@@ -95,8 +96,8 @@ class EngineLifecycle:
         ref = resolve_serve_base(self.settings)
         if serve_backend(self.settings, ref) != "llama":
             return None
-        gpu_layers = 0 if self.settings.model.device == "cpu" else -1
-        result = run_smoke(ref.path, gpu_layers=gpu_layers, threads=self.settings.serve.n_threads)
+        result = run_smoke(ref.path, gpu_layers=gpu_layers(self.settings.model.device),
+                           threads=self.settings.serve.n_threads)
         self.smoke = {"ok": result.ok, "signal": result.signal, "seconds": result.seconds,
                       "error": result.error}
         log_event(logger, "generation smoke test", model=str(ref.path), ok=result.ok,

@@ -49,6 +49,7 @@ from milton.models.hf import usable_cpus
 from milton.models.layout import ADAPTER_GGUF
 from milton.models.llamacpp import (
     failure_reason,
+    gpu_layers,
     install_log_callback,
     llama_cpp,
     llama_messages,
@@ -130,7 +131,7 @@ class LlamaEngine(Engine):
             # Named after model.base, not the file served: clients keep their model id when
             # an evolved base (checkpoints/base/<v>/model.gguf) is switched in.
             "model_id": settings.serve.model_name or default_model_id(settings),
-            "gpu_layers": 0 if settings.model.device == "cpu" else -1,
+            "gpu_layers": gpu_layers(settings.model.device),
         }
         kwargs.update(overrides)
         return cls(ref.path, **kwargs)
