@@ -11,6 +11,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def ingest_simulated(settings, *, seed: int, days: int, t0: float) -> None:
+    """``days`` of a simulated workstation's snapshots, every 30 minutes from ``t0``, in the store."""
+    from milton.anomaly.simulate import Workstation
+    from milton.core.store import open_store
+    from milton.ingest.processes import ingest_snapshot
+
+    ws = Workstation(seed=seed)
+    db = open_store(settings.db_path)
+    try:
+        for k in range(days * 48):
+            ingest_snapshot(db, ws.snapshot(t0 + k * 1800.0))
+    finally:
+        db.close()
+
+
 def systemd_analyze() -> str:
     """Path of systemd's own checker; required under CI, a skip elsewhere."""
     found = shutil.which("systemd-analyze")

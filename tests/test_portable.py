@@ -14,24 +14,24 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from helpers import REPO, ingest_simulated
+from live_server import wait_until
 
 from milton.anomaly.simulate import Workstation
 from milton.anomaly.train import train_anomaly
 from milton.core.config import load_settings
 from milton.core.jobs import run_job
-from milton.core.store import open_store
-from milton.ingest.processes import COLUMNS, ingest_snapshot
+from milton.doctor import llama_features
+from milton.ingest.processes import COLUMNS
 from milton.models.smoke import EXPECT, failure_line, run_smoke
 from milton.serve.process import live_server
 
-REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc).timestamp()
 
 # Loaded by every Python started with this directory on PYTHONPATH: the smoke child (the only
@@ -60,13 +60,7 @@ def test_the_packaged_model_generates_here_in_a_child_process():
     result = run_smoke(embedded_gguf(), expect=EXPECT)
     assert result.ok, failure_line(result)
     assert EXPECT in result.text.lower()
-    assert "AMX" not in [k for k, v in _features(result.system_info).items() if v]
-
-
-def _features(info: str) -> dict[str, bool]:
-    from milton.doctor import llama_features
-
-    return llama_features(info)
+    assert "AMX" not in [k for k, v in llama_features(result.system_info).items() if v]
 
 
 def test_a_child_that_crashes_is_reported_with_its_signal_cpu_and_build(tiny_gguf, crash_env):
@@ -133,11 +127,7 @@ def test_doctor_fails_on_a_corrupt_store_and_a_crashing_model(cli, milton_home, 
 # -- containment in serve -------------------------------------------------------------------------
 def _trained_home(home: Path, tiny_gguf: Path) -> None:
     settings = load_settings(environ={"MILTON_HOME": str(home)}).settings
-    db = open_store(settings.db_path)
-    ws = Workstation(seed=3)
-    for k in range(2 * 48):
-        ingest_snapshot(db, ws.snapshot(T0 + k * 1800.0))
-    db.close()
+    ingest_simulated(settings, seed=3, days=2, t0=T0)
     now = datetime.fromtimestamp(T0 + 2 * 86400, timezone.utc)
     assert run_job("train-anomaly", train_anomaly, settings, now=now).status == "ok"
     (home / "config.toml").write_text(
@@ -146,13 +136,12 @@ def _trained_home(home: Path, tiny_gguf: Path) -> None:
 
 
 def _wait_settled(base: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """/healthz once the language model has loaded, failed or been disabled."""
+    def settled() -> dict | None:
         health = httpx.get(f"{base}/healthz", timeout=5).json()
-        if health["chat"] != "loading":
-            return health
-        time.sleep(0.1)
-    raise AssertionError("the language model never settled")
+        return health if health["chat"] != "loading" else None
+
+    return wait_until(settled, timeout=timeout, step=0.1)
 
 
 def test_serve_keeps_scoring_when_the_model_crashes_its_smoke_test(tmp_path, tiny_gguf, crash_env, cli):
@@ -177,11 +166,8 @@ def test_serve_keeps_scoring_when_the_model_crashes_its_smoke_test(tmp_path, tin
         telemetry = httpx.get(f"{srv.base}/ml/telemetry", timeout=10).json()
         assert telemetry["status"] == "degraded"
         assert telemetry["language_model"]["smoke_check"]["signal"] == "SIGSEGV"
-        deadline = time.monotonic() + 30  # live snapshots keep running
-        while telemetry["live_snapshots"]["runs"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            telemetry = httpx.get(f"{srv.base}/ml/telemetry", timeout=10).json()
-        assert telemetry["live_snapshots"]["runs"] >= 1
+        wait_until(lambda: httpx.get(f"{srv.base}/ml/telemetry", timeout=10).json()
+                   ["live_snapshots"]["runs"] >= 1, timeout=30, step=0.2)  # snapshots keep running
         assert srv.proc.poll() is None
 
         code, out, err = cli("status", "--json", env={"MILTON_HOME": str(home)})
@@ -207,9 +193,8 @@ def test_a_crash_mid_request_leaves_store_and_logged_exchanges_intact(tmp_path, 
                 messages=[{"role": "user", "content": f"Question number {k}?"}])
             assert reply.choices[0].finish_reason in ("stop", "length")
         db_path = home / "data" / "milton.db"
-        deadline = time.monotonic() + 30  # the session log is written off the request path
-        while time.monotonic() < deadline and _count(db_path, "messages") < 6:
-            time.sleep(0.1)
+        # the session log is written off the request path
+        wait_until(lambda: _count(db_path, "messages") >= 6, timeout=30, step=0.1)
         logged = _rows(db_path)
         assert len(logged) == 6
         # A native crash while a long answer streams: serve dies with SIGSEGV, as it would.
@@ -305,5 +290,5 @@ def test_the_installed_llama_cpp_is_the_portable_build():
     from importlib.metadata import version
 
     assert record["version"] == version("llama-cpp-python")
-    features = _features(system_info())
+    features = llama_features(system_info())
     assert not [name for name, on in features.items() if name.startswith("AMX") and on]

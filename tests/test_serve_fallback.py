@@ -5,18 +5,16 @@ new version when one is published (then "ok" again)."""
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime, timezone
 
 import httpx
+from helpers import ingest_simulated
+from live_server import wait_until
 
-from milton.anomaly.simulate import Workstation
 from milton.anomaly.train import train_anomaly
 from milton.core.artifacts import ArtifactStore
 from milton.core.config import load_settings
 from milton.core.jobs import run_job
-from milton.core.store import open_store
-from milton.ingest.processes import ingest_snapshot
 from milton.models.layout import ANOMALY_KIND as KIND
 from milton.serve.process import live_server
 
@@ -25,11 +23,7 @@ T0 = datetime(2026, 3, 2, tzinfo=timezone.utc).timestamp()
 
 def test_corrupt_current_at_start_falls_back_and_recovers(tmp_path):
     settings = load_settings(environ={"MILTON_HOME": str(tmp_path)}).settings
-    ws = Workstation(seed=5)
-    db = open_store(settings.db_path)
-    for k in range(2 * 48):
-        ingest_snapshot(db, ws.snapshot(T0 + k * 1800.0))
-    db.close()
+    ingest_simulated(settings, seed=5, days=2, t0=T0)
 
     def train(hours: float) -> str:
         result = run_job("train-anomaly", train_anomaly, settings,
@@ -55,18 +49,13 @@ def test_corrupt_current_at_start_falls_back_and_recovers(tmp_path):
         scored = httpx.post(f"{srv.base}/anomaly/score", json=[row])
         assert scored.status_code == 200 and scored.json()["model_version"] == v2
         v4 = train(3)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            health = httpx.get(f"{srv.base}/healthz").json()
-            if health["anomaly_model"] == v4:
-                break
-            time.sleep(0.1)
+        health = wait_until(lambda: (h := httpx.get(f"{srv.base}/healthz").json())
+                            ["anomaly_model"] == v4 and h, timeout=15, step=0.1)
         assert health["anomaly_model"] == v4 and health["status"] == "ok", health
         assert health["reasons"] == []
-        deadline = time.monotonic() + 10  # serve.json follows within a poll
-        while _serve_state(tmp_path)["health"] != "ok" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _serve_state(tmp_path)["health"] == "ok" and _serve_state(tmp_path)["reasons"] == []
+        # serve.json (what status and doctor read) follows within a poll
+        state = wait_until(lambda: (s := _serve_state(tmp_path))["health"] == "ok" and s, timeout=10)
+        assert state["health"] == "ok" and state["reasons"] == []
     assert v1 != v2
 
 
@@ -77,11 +66,7 @@ def test_rollback_to_the_fallback_clears_degraded(tmp_path):
     from milton.serve.watch import HotModel
 
     settings = load_settings(environ={"MILTON_HOME": str(tmp_path)}).settings
-    ws = Workstation(seed=6)
-    db = open_store(settings.db_path)
-    for k in range(2 * 48):
-        ingest_snapshot(db, ws.snapshot(T0 + k * 1800.0))
-    db.close()
+    ingest_simulated(settings, seed=6, days=2, t0=T0)
     for hours in (0, 1):
         assert run_job("train-anomaly", train_anomaly, settings, now=datetime.fromtimestamp(
             T0 + 2 * 86400 + hours * 3600, timezone.utc)).status == "ok"
