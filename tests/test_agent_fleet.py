@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import assert_clean_error
 
 from milton.core.config import load_settings
 from milton.core.jobs import run_job
@@ -239,3 +240,13 @@ def test_hub_killed_mid_backlog_loses_and_duplicates_nothing(tmp_path):
     per = db.execute("select s.rows, count(p.pid) from snapshots s join processes p "
                      "on p.snapshot_id = s.id group by s.id").fetchall()
     assert len(per) == 60 and all(n == c for n, c in per)
+
+
+def test_agent_bad_options_are_one_line_errors_and_spool_nothing(cli, milton_home):
+    for args, needle in ((["--push", "ftp://nowhere"], "--push: expected an http:// or https:// URL"),
+                         (["--push", "http://127.0.0.1:9", "--every", "nonsense"],
+                          "--every: expected a duration")):
+        code, _out, err = cli("agent", *args, "--runs", "1")
+        assert code == 2
+        assert_clean_error(err, needle)
+    assert not any(p.is_file() and p.stat().st_size for p in milton_home.rglob("*spool*"))
