@@ -148,6 +148,17 @@ def acknowledge(db: sqlite_utils.Database, ids: Iterable[int] | None, now: float
             f"({', '.join('?' * len(wanted))})", [now, *wanted]).rowcount
 
 
+def alerts_per_day(conn: sqlite3.Connection, since: float) -> dict[str, list[tuple[str, int]]]:
+    """Alerts first seen per host and UTC day since ``since`` (epoch), oldest day first: the
+    dashboard's timeline, bounded by the ts index and the window."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for host, day, n in conn.execute(
+            "select host, date(ts, 'unixepoch') as d, count(*) from alerts where ts >= ? "
+            "group by host, d order by host, d", (since,)):
+        out.setdefault(host, []).append((day, n))
+    return out
+
+
 def open_summary(conn: sqlite3.Connection) -> dict[str, Any]:
     """Open alerts in all and per host, and the newest few, for `milton status` and briefings."""
     per_host = dict(conn.execute(

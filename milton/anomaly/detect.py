@@ -30,21 +30,34 @@ def latest_snapshot_rows(settings: Settings, now: datetime) -> list[tuple]:
 def _latest_rows(settings: Settings, now: datetime) -> list[tuple]:
     db = open_store(settings.db_path, settings.store.busy_timeout_ms)
     try:
-        return db.conn.execute(
-            """
-            select p.snapshot_id, p.host, p.ts, p.pid, p.ppid, p.name, p.exe, p.username,
-                   p.cpu, p.rss, p.create_time
-            from processes p join (
-                select s.id from snapshots s
-                join (select host, max(ts) as ts from snapshots where ts <= ? group by host) m
-                  on s.host = m.host and s.ts = m.ts
-            ) latest on p.snapshot_id = latest.id
-            order by p.host, p.pid
-            """,
-            (now.timestamp(),),
-        ).fetchall()
+        return latest_rows(db.conn, now.timestamp())
     finally:
         db.close()
+
+
+def latest_rows(conn: Any, now: float, *, contains: str | None = None,
+                limit: int | None = None) -> list[tuple]:
+    """Process rows (COLUMNS order) of each host's newest snapshot at or before ``now``;
+    ``contains``: only those whose name, exe or user holds that text (case-insensitive).
+    Reads one snapshot per host through the (host, ts) and (snapshot_id, pid) indexes."""
+    where, params = "", [now]
+    if contains:
+        where = ("where instr(lower(p.name), ?) or instr(lower(ifnull(p.exe, '')), ?) "
+                 "or instr(lower(ifnull(p.username, '')), ?)")
+        params += [contains.lower()] * 3
+    sql = f"""
+        select p.snapshot_id, p.host, p.ts, p.pid, p.ppid, p.name, p.exe, p.username,
+               p.cpu, p.rss, p.create_time
+        from processes p join (
+            select s.id from snapshots s
+            join (select host, max(ts) as ts from snapshots where ts <= ? group by host) m
+              on s.host = m.host and s.ts = m.ts
+        ) latest on p.snapshot_id = latest.id
+        {where}
+        order by p.host, p.pid"""
+    if limit is not None:
+        sql += f" limit {int(limit)}"
+    return conn.execute(sql, params).fetchall()
 
 
 def file_rows(path: str, max_line_bytes: int) -> list[tuple]:

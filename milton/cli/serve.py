@@ -15,11 +15,13 @@ def serve_cmd(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default from config: 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default from config: 8000).")] = None,
 ) -> None:
-    """Run the long-lived server: scoring API, live snapshots, telemetry, hot reload."""
+    """Run the long-lived server: scoring API, live snapshots, telemetry, hot reload, and the
+    dashboard at /ui."""
     from milton.serve.app import run_server
+    from milton.web import dashboard
 
     setup_logging(logging_level(), stream=sys.stdout)
-    run_server(State.settings(), host=host, port=port)
+    run_server(State.settings(), host=host, port=port, extensions=[dashboard()])
 
 
 def register(app: typer.Typer) -> None:

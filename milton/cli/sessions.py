@@ -85,15 +85,10 @@ def list_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Sessions, most recently active first."""
-    import json
+    from milton.memory.sessions import list_sessions
 
     with open_cli_store() as db:
-        rows = [{"id": r[0], "user": r[1], "source": r[2], "started": r[3], "last_activity": r[4],
-                 "status": r[5], "messages": r[6], "topics": json.loads(r[7]) if r[7] else []}
-                for r in db.execute(
-                "select s.id, s.user, s.source, s.started, s.last_activity, s.status, "
-                "(select count(*) from messages m where m.session_id = s.id), s.topics "
-                "from sessions s order by s.last_activity desc, s.id limit ?", [max(0, limit)])]
+        rows = list_sessions(db, limit)
     if as_json:
         print_json(rows)
         return

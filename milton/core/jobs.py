@@ -169,6 +169,57 @@ def append_master_log(logs_dir: Path, entry: dict[str, Any]) -> None:
         os.close(fd)
 
 
+# -- reading the run history -------------------------------------------------------------------
+RUN_COLUMNS = ("id", "job", "started", "finished", "status", "metrics", "error", "host", "pid", "now")
+
+
+def _run_row(values: Any) -> dict[str, Any]:
+    row = dict(zip(RUN_COLUMNS, values))
+    try:
+        row["metrics"] = json.loads(row["metrics"]) if row["metrics"] else {}
+    except json.JSONDecodeError:
+        row["metrics"] = {}
+    duration = row["metrics"].get("duration_s")
+    row["duration_s"] = duration if isinstance(duration, (int, float)) else None
+    return row
+
+
+def recent_runs(conn: Any, *, job: str | None = None, since: str | None = None,
+                limit: int = 500) -> list[dict[str, Any]]:
+    """Job runs, newest first (metrics decoded): at most ``limit``, started at or after
+    ``since`` (ISO), of one ``job`` or all. Bounded by the (job, started) index and the limit,
+    never by the table's size."""
+    where, params = [], []
+    if job is not None:
+        where.append("job = ?")
+        params.append(job)
+    if since is not None:
+        where.append("started >= ?")
+        params.append(since)
+    sql = (f"select {', '.join(RUN_COLUMNS)} from job_runs"
+           + (f" where {' and '.join(where)}" if where else "")
+           + (" order by started desc, id desc" if job is not None else " order by id desc")
+           + " limit ?")
+    return [_run_row(v) for v in conn.execute(sql, [*params, max(0, limit)])]
+
+
+def job_names(conn: Any) -> list[str]:
+    """Every job that has run (one skip-scan of the (job, started) index per name)."""
+    names: list[str] = []
+    row = conn.execute("select min(job) from job_runs").fetchone()
+    while row and row[0] is not None:
+        names.append(row[0])
+        row = conn.execute("select min(job) from job_runs where job > ?", [row[0]]).fetchone()
+    return names
+
+
+def get_run(conn: Any, run_id: int) -> dict[str, Any] | None:
+    """One job run (metrics decoded), or None."""
+    values = conn.execute(f"select {', '.join(RUN_COLUMNS)} from job_runs where id = ?",
+                          [run_id]).fetchone()
+    return _run_row(values) if values else None
+
+
 # -- resumable runs (one row per attempt in a ``*_runs`` table) ---------------------------------
 def work_dir(settings: Settings, job: str, run_id: int) -> Path:
     """``data/<job>/run-<id>/``: where an attempt keeps its work until it finishes."""

@@ -65,3 +65,11 @@ def run_stage(work: Path, name: str, build: Callable[[Path], dict[str, Any]]) ->
     atomic_write_json(tmp / STAGE_FILE, info)
     os.rename(tmp, work / name)
     return info
+
+
+def list_evolve_runs(conn: Any, limit: int = 20) -> list[dict[str, Any]]:
+    """evolve attempts, newest first."""
+    cols = ("id", "started", "finished", "status", "stage", "source", "adapter_version",
+            "candidate_version", "reason")
+    return [dict(zip(cols, r)) for r in conn.execute(
+        f"select {', '.join(cols)} from evolve_runs order by id desc limit ?", [max(0, limit)])]

@@ -253,6 +253,13 @@ def list_memories(
     return [Memory.from_row(row) for row in db.query(sql, params)]
 
 
+def session_memories(db: sqlite_utils.Database, session_id: str, limit: int = 200) -> list[Memory]:
+    """What processing a session made of it (its exchanges, summaries), oldest first."""
+    return [Memory.from_row(row) for row in db.query(
+        "select * from memories where session_id = ? order by created, id limit ?",
+        [session_id, int(limit)])]
+
+
 def memory_filters(*, tier: str | None, since: float | None, tag: str | None,
              alias: str = "") -> tuple[str, list[Any]]:
     """A WHERE clause shared by list, search and the vector pre-filter."""

@@ -428,3 +428,13 @@ class SessionTracker:
                 raise
             log.exception("processing sessions %s failed; left 'ended' for a retry", list(session_ids))
             return []
+
+
+def list_sessions(db: sqlite_utils.Database, limit: int = 20) -> list[dict[str, Any]]:
+    """Sessions, most recently active first, with their message counts and topics."""
+    return [{"id": r[0], "user": r[1], "source": r[2], "started": r[3], "last_activity": r[4],
+             "status": r[5], "messages": r[6], "topics": json.loads(r[7]) if r[7] else []}
+            for r in db.execute(
+                "select s.id, s.user, s.source, s.started, s.last_activity, s.status, "
+                "(select count(*) from messages m where m.session_id = s.id), s.topics "
+                "from sessions s order by s.last_activity desc, s.id limit ?", [max(0, limit)])]

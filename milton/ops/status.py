@@ -164,10 +164,14 @@ def _artifacts(settings: Settings) -> list[dict[str, Any]]:
     for kind in known_kinds(settings.paths.checkpoints_dir):
         store = ArtifactStore(settings.paths.checkpoints_dir, kind)
         current = store.current()
+        gate = (current.manifest.get("gate") or {}) if current else {}
         rows.append({
             "kind": kind,
             "current": current.name if current else None,
             "created": current.created if current else None,
+            # the promotion gate's verdict on it (train-lora, evolve); None for kinds without one
+            "decision": current.metrics.get("decision") if current else None,
+            "reason": gate.get("reason") if isinstance(gate, dict) else None,
             "versions": len(store.version_names()),
             "pinned": sorted(store.pins()),
         })

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -41,10 +43,21 @@ from milton.serve.metrics import Metrics
 logger = get_logger("serve")
 
 
-def create_app(settings: Settings, *, background: bool = True, engine: Any = None) -> FastAPI:
+@dataclass(frozen=True)
+class Extension:
+    """Routes that a layer above serve composes into it (``milton serve`` adds the dashboard
+    from :mod:`milton.web`; serve itself never imports that layer)."""
+
+    prefix: str  #: the paths it serves; it authenticates them itself (bearer auth skips them)
+    attach: Callable[[FastAPI, Settings], None]
+
+
+def create_app(settings: Settings, *, background: bool = True, engine: Any = None,
+               extensions: Sequence[Extension] = ()) -> FastAPI:
     """Build the app. ``background=False`` (tests) skips the watcher and snapshot threads.
     ``engine``: a :class:`milton.serve.engines.base.ChatEngine` for /v1 (or set it later through
-    ``app.state.openai.set_engine``); without one, chat requests get 503."""
+    ``app.state.openai.set_engine``); without one, chat requests get 503. ``extensions``: more
+    routes on the same port (see :class:`Extension`)."""
     metrics = Metrics()
     hot = anomaly_model(settings)
     snapshots = SnapshotLoop(settings, hot, metrics)
@@ -122,7 +135,10 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
     app.state.llm = llm
 
     # -- the OpenAI-compatible API (/v1): router with its own lifespan, bearer auth ---------
-    mount_openai(app, settings, engine, registry=metrics.registry, background=background)
+    mount_openai(app, settings, engine, registry=metrics.registry, background=background,
+                 own_auth=tuple(e.prefix for e in extensions))
+    for extension in extensions:
+        extension.attach(app, settings)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -172,7 +188,8 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
     return app
 
 
-def run_server(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+def run_server(settings: Settings, *, host: str | None = None, port: int | None = None,
+               extensions: Sequence[Extension] = ()) -> None:
     import uvicorn
 
     from milton.core.jobs import SERVE_LOCK, STORE_LOCK, job_lock
@@ -183,7 +200,7 @@ def run_server(settings: Settings, *, host: str | None = None, port: int | None 
     # Held while serving, so restore (and anything needing the store alone) can tell.
     with job_lock(settings.locks_dir, STORE_LOCK, shared=True), \
             job_lock(settings.locks_dir, SERVE_LOCK):
-        app = create_app(settings)
+        app = create_app(settings, extensions=extensions)
         config = uvicorn.Config(app, host=host or settings.serve.host,
                                 port=settings.serve.port if port is None else port,
                                 log_config=None, access_log=False,

@@ -40,6 +40,35 @@ def run_dir(settings: Settings, run_id: int) -> Path:
     return work_dir(settings, "train", run_id)
 
 
+def list_training_runs(conn: Any, limit: int = 20) -> list[dict[str, Any]]:
+    """train-lora attempts, newest first, metrics (base / serving / candidate) decoded."""
+    cols = ("id", "job_run_id", "started", "finished", "status", "base_model", "candidate_version",
+            "metrics", "reason")
+    rows = []
+    for values in conn.execute(f"select {', '.join(cols)} from training_runs order by id desc "
+                               "limit ?", [max(0, limit)]):
+        row = dict(zip(cols, values))
+        try:
+            row["metrics"] = json.loads(row["metrics"]) if row["metrics"] else {}
+        except json.JSONDecodeError:
+            row["metrics"] = {}
+        rows.append(row)
+    return rows
+
+
+def training_history(conn: Any, run_id: int, max_points: int = 500) -> list[dict[str, Any]]:
+    """A run's loss curve (step, loss, lr, tokens, elapsed_s), thinned evenly to at most
+    ``max_points`` steps (the last step always kept)."""
+    total = conn.execute("select count(*) from training_history where run_id = ?", [run_id]).fetchone()[0]
+    stride = max(1, -(-total // max_points))
+    cols = ("step", "loss", "lr", "tokens", "elapsed_s")
+    rows = conn.execute(
+        f"select {', '.join(cols)} from (select *, row_number() over (order by step) - 1 as n, "
+        "count(*) over () as total from training_history where run_id = ?) "
+        "where n % ? = 0 or n = total - 1 order by step", [run_id, stride]).fetchall()
+    return [dict(zip(cols, r)) for r in rows]
+
+
 def _finish_run(db: sqlite_utils.Database, run_id: int, status: str, *, reason: str,
                 metrics: dict[str, Any], version: str | None) -> None:
     from milton.memory.memories import bump

@@ -43,12 +43,16 @@ class ApiKeyMiddleware:
     Pure ASGI (no response buffering), so streaming and disconnect detection are untouched.
     """
 
-    def __init__(self, app: ASGIApp, key: str) -> None:
+    def __init__(self, app: ASGIApp, key: str, own_auth: tuple[str, ...] = ()) -> None:
         self.app = app
         self._key = key.encode("utf-8")
+        # Path prefixes whose routes check the key themselves (the dashboard's login session).
+        self._own_auth = tuple(p.rstrip("/") for p in own_auth)
+        self._own_auth_dirs = tuple(p + "/" for p in self._own_auth)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self._key or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self._key or scope["path"] in OPEN_PATHS or (
+                scope["path"] in self._own_auth or scope["path"].startswith(self._own_auth_dirs)):
             await self.app(scope, receive, send)
             return
         header = b""

@@ -625,17 +625,19 @@ class GracefulServer(uvicorn.Server):
 
 
 def mount_openai(app: FastAPI, settings: Settings, engine: ChatEngine | None = None, *,
-                 registry: CollectorRegistry | None = None, background: bool = True) -> OpenAIService:
+                 registry: CollectorRegistry | None = None, background: bool = True,
+                 own_auth: tuple[str, ...] = ()) -> OpenAIService:
     """Add the /v1 API to ``app``: its router (with its own lifespan: the session-expiry timer,
     and on shutdown cancel + flush), bearer auth on every route but /healthz when
     ``serve.api_key`` is set, and OpenAI-shaped 404/405s under /v1. ``registry``: the app's
     Prometheus registry (so /metrics shows the API's series). ``engine`` may come later through
-    :meth:`OpenAIService.set_engine`. ``background=False`` skips the expiry timer (tests)."""
+    :meth:`OpenAIService.set_engine`. ``background=False`` skips the expiry timer (tests).
+    ``own_auth``: path prefixes that authenticate themselves (bearer auth leaves them alone)."""
     service = OpenAIService(settings, engine, registry=registry, background=background)
     app.include_router(service.router)
     key = settings.serve.api_key.get_secret_value()
     if key:
-        app.add_middleware(ApiKeyMiddleware, key=key)
+        app.add_middleware(ApiKeyMiddleware, key=key, own_auth=own_auth)
     app.add_exception_handler(StarletteHTTPException, v1_http_errors)
     app.state.openai = service
     return service
