@@ -45,3 +45,15 @@ def assert_clean_error(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+def chromium() -> str:
+    """Debian's chromium for the dashboard's browser tests; required under CI, a skip elsewhere
+    (`make test` installs it when run as root)."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    if os.environ.get("CI"):
+        pytest.fail("chromium is required in CI (install Debian's chromium package)")
+    pytest.skip("chromium not installed")

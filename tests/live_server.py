@@ -100,12 +100,13 @@ class Live:
 
 
 @contextlib.contextmanager
-def live(home: Path, engine: EchoEngine | None, **env: str) -> Iterator[Live]:
-    """create_app + uvicorn on a free 127.0.0.1 port in a thread; stopped (gracefully) after."""
+def live(home: Path, engine: EchoEngine | None, *, extensions: tuple = (), **env: str) -> Iterator[Live]:
+    """create_app + uvicorn on a free 127.0.0.1 port in a thread; stopped (gracefully) after.
+    ``extensions``: more routes, as `milton serve` adds the dashboard (milton.web.dashboard())."""
     environ = {"MILTON_HOME": str(home), "MILTON_SERVE__SNAPSHOT_ENABLED": "false",
                **{f"MILTON_{k.upper()}": v for k, v in env.items()}}
     settings = load_settings(environ=environ).settings
-    app = create_app(settings, engine=engine)
+    app = create_app(settings, engine=engine, extensions=extensions)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.serve.shutdown_grace_s)

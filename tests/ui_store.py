@@ -17,7 +17,7 @@ def seed(settings: Any, embedder: Any, now: Any) -> dict[str, Any]:
     from milton.core.store import open_store
     from milton.core.timeutil import iso
     from milton.evolve.runs import REPORT_JSON, run_dir
-    from milton.memory.memories import NewMemory, add_memories
+    from milton.memory.memories import NewMemory, add_memories, add_task
     from milton.models.layout import ADAPTER_KIND, ANOMALY_KIND, artifact_store
 
     db = open_store(settings.db_path)
@@ -92,6 +92,7 @@ def seed(settings: Any, embedder: Any, now: Any) -> dict[str, Any]:
             NewMemory(f"A note with markup {XSS}", tier="long"),
             NewMemory("user: how do I bake bread? assistant: knead well", tier="short", session_id="s-1"),
         ], now)
+        add_task(db, embedder, "Buy rye flour", now)
     finally:
         db.close()
     # -- artifacts: three adapter versions (v2 current), one anomaly model

@@ -97,7 +97,7 @@ class Dashboard:
                status: int = 200, session: Session | None = None, cookie: str | None = None) -> Response:
         html = self.env.get_template(template).render(
             request=request, csrf=self.sessions.csrf_token(session) if session else "",
-            login_required=self.sessions.login_required,
+            logged_in=self.sessions.login_required and bool(session and session.authenticated),
             done=request.query_params.get("done", ""), page=template.removesuffix(".html"),
             **context)
         response = HTMLResponse(html, status_code=status)

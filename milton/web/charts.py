@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-WIDTH, HEIGHT = 640, 220
+WIDTH, HEIGHT = 960, 240
 LEFT, RIGHT, TOP, BOTTOM = 56, 12, 12, 28
 SERIES_CLASSES = 6
 
@@ -44,24 +44,37 @@ def day_label(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%m-%d")
 
 
-def _range(values: Sequence[float], zero: bool) -> tuple[float, float]:
+def _day_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    """Midnights (UTC) every few days across [lo, hi]."""
+    step = max(1, math.ceil((hi - lo) / 86400 / n)) * 86400
+    start = math.ceil(lo / 86400) * 86400
+    return [float(t) for t in range(int(start), int(hi) + 1, int(step))]
+
+
+def _range(values: Sequence[float], zero: bool, pad: float = 0.0) -> tuple[float, float]:
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     if zero:
         lo = min(lo, 0.0)
     if hi == lo:
         hi, lo = hi + 1, lo - (0 if zero and lo == 0 else 1)
-    return lo, hi
+    margin = (hi - lo) * pad
+    return (lo if zero and lo == 0 else lo - margin), hi + margin
 
 
 def xy_chart(series: dict[str, Sequence[tuple[float, float, str]]], *, connect: bool = True,
-             zero: bool = False, x_format: Callable[[float], str] = _fmt,
-             hline: float | None = None, width: int = WIDTH, height: int = HEIGHT) -> dict[str, Any]:
+             zero: bool = False, x_format: Callable[[float], str] = _fmt, days: bool = False,
+             hline: float | None = None, labels: bool = False, width: int = WIDTH,
+             height: int = HEIGHT) -> dict[str, Any]:
     """Lines (or, ``connect=False``, a scatter): ``series`` maps a name to (x, y, title)
-    points. Returns what the ``xy`` macro draws."""
+    points; ``days``: x is epoch seconds, ticked at UTC midnights; ``labels``: each point's
+    title is written next to it. Returns what the ``xy`` macro draws."""
     points = [p for pts in series.values() for p in pts]
-    xlo, xhi = _range([p[0] for p in points], zero=False)
+    pad = 0.05 if not connect else 0.0
+    xlo, xhi = _range([p[0] for p in points], zero=False, pad=pad)
+    if days and xhi - xlo < 86400:
+        xlo, xhi = xlo - 43200, xhi + 43200
     ys = [p[1] for p in points] + ([hline] if hline is not None else [])
-    ylo, yhi = _range(ys, zero=zero)
+    ylo, yhi = _range(ys, zero=zero, pad=0.05)
     plot_w, plot_h = width - LEFT - RIGHT, height - TOP - BOTTOM
 
     def sx(x: float) -> float:
@@ -73,7 +86,8 @@ def xy_chart(series: dict[str, Sequence[tuple[float, float, str]]], *, connect: 
     drawn = []
     for i, (name, pts) in enumerate(series.items()):
         pts = sorted(pts, key=lambda p: p[0]) if connect else list(pts)
-        coords = [{"cx": sx(x), "cy": sy(y), "title": title} for x, y, title in pts]
+        coords = [{"cx": sx(x), "cy": sy(y), "title": title, "label": title if labels else "",
+                   "anchor": "end" if sx(x) > LEFT + plot_w / 2 else "start"} for x, y, title in pts]
         path = " ".join(f"{'M' if j == 0 else 'L'}{c['cx']},{c['cy']}" for j, c in enumerate(coords))
         drawn.append({"name": name, "cls": f"s{i % SERIES_CLASSES}", "points": coords,
                       "path": path if connect and len(coords) > 1 else ""})
@@ -81,7 +95,8 @@ def xy_chart(series: dict[str, Sequence[tuple[float, float, str]]], *, connect: 
         "width": width, "height": height, "left": LEFT, "top": TOP, "bottom": height - BOTTOM,
         "right": width - RIGHT, "series": drawn, "count": len(points),
         "yticks": [{"y": sy(v), "label": _fmt(v)} for v in _nice_ticks(ylo, yhi)],
-        "xticks": [{"x": sx(v), "label": x_format(v)} for v in _nice_ticks(xlo, xhi, 5)] if points else [],
+        "xticks": [{"x": sx(v), "label": day_label(v) if days else x_format(v)}
+                   for v in (_day_ticks(xlo, xhi) if days else _nice_ticks(xlo, xhi, 5))] if points else [],
         "hline": None if hline is None else {"y": sy(hline), "label": _fmt(hline)},
     }
 

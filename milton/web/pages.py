@@ -46,7 +46,7 @@ def anomalies(settings: Settings, conn: Any, now: datetime, *, query: str | None
     from milton.anomaly.alerts import alerts_per_day, list_alerts, list_mutes
     from milton.anomaly.detect import latest_rows
     from milton.models.layout import ANOMALY_KIND, artifact_store
-    from milton.web.charts import day_label, xy_chart
+    from milton.web.charts import xy_chart
 
     since = (now - timedelta(days=ALERT_WINDOW_DAYS)).timestamp()
     per_day = alerts_per_day(conn, since)
@@ -67,7 +67,7 @@ def anomalies(settings: Settings, conn: Any, now: datetime, *, query: str | None
                  "window": current.manifest.get("data_window") or {},
                  "metrics": current.metrics}
     return {
-        "timeline": xy_chart(series, zero=True, x_format=day_label),
+        "timeline": xy_chart(series, zero=True, days=True),
         "window_days": ALERT_WINDOW_DAYS,
         "alerts": list_alerts(conn, limit=OPEN_ALERTS_SHOWN),
         "mutes": list_mutes(conn),
@@ -102,7 +102,7 @@ def learning(settings: Settings, db: Any, *, run_id: int | None,
     from milton.evolve.runs import list_evolve_runs
     from milton.models.layout import ADAPTER_KIND, BASE_KIND
     from milton.train.jobs import list_training_runs, training_history
-    from milton.web.charts import day_label, xy_chart
+    from milton.web.charts import xy_chart
 
     runs = list_training_runs(db.conn)
     selected = next((r for r in runs if r["id"] == run_id), runs[0] if runs else None)
@@ -113,7 +113,7 @@ def learning(settings: Settings, db: Any, *, run_id: int | None,
     if selected is not None:
         steps = training_history(db.conn, selected["id"])
         loss = xy_chart({"loss": [(s["step"], s["loss"], f"step {s['step']}: loss {s['loss']:.4f}")
-                                  for s in steps]})
+                                  for s in steps]}, width=520, height=260)
         metrics = selected["metrics"]
         for name in PPL_SETS:
             row = {"set": name.removesuffix("_ppl")}
@@ -129,7 +129,7 @@ def learning(settings: Settings, db: Any, *, run_id: int | None,
                + (" (current)" if v["current"] else ""))
               for v in adapters["versions"]
               if isinstance(v["metrics"].get("eval_ppl"), (int, float)) and v["created"]]
-    adapter_chart = xy_chart({"held-out perplexity": points}, x_format=day_label)
+    adapter_chart = xy_chart({"held-out perplexity": points}, days=True)
 
     evolve_runs = list_evolve_runs(db.conn)
     report, quality = None, None
@@ -140,11 +140,11 @@ def learning(settings: Settings, db: Any, *, run_id: int | None,
             if evolve_id is not None:
                 raise
         if report is not None:
-            pts = [(r["size_mb"], r["quality"], f"{r['stage']} ({r['format']}): {r['size_mb']:.1f} MB, "
-                    f"quality {r['quality']:.3f}")
+            pts = [(r["size_mb"], r["quality"], f"{r['stage']} {r['format']}: {r['size_mb']:.0f} MB, "
+                    f"{r['quality']:.3f}")
                    for r in report["rows"] if r.get("size_mb") and r.get("quality") is not None]
             quality = xy_chart({"stages": pts}, connect=False,
-                               hline=(report.get("checks") or {}).get("threshold"))
+                               hline=(report.get("checks") or {}).get("threshold"), labels=True)
     return {
         "runs": runs, "run": selected, "loss": loss, "ppl_rows": ppl_rows,
         "adapters": adapters, "adapter_chart": adapter_chart, "bases": _versions(settings, BASE_KIND),
@@ -208,7 +208,7 @@ def jobs(conn: Any, now: datetime, *, job: str | None, days: float) -> dict[str,
     bars = [(r["started"][5:16].replace("T", " "), r["duration_s"] or 0.0, r["status"],
              f"{r['job']} #{r['id']} {r['started']}: {r['status']}"
              + (f", {r['duration_s']:.1f}s" if r["duration_s"] is not None else ""))
-            for r in reversed(runs)]
+            for r in sorted(runs, key=lambda r: (r["started"], r["id"]))]
     return {"runs": runs, "chart": bar_chart(bars), "job": job or "", "days": days,
             "names": job_names(conn), "limit": RUNS_SHOWN}
 
