@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run lint test bench docs systemd-tools clean
+.PHONY: install run lint test bench docs systemd-tools browser-tools clean
 
 $(STAMP): pyproject.toml scripts/llama_wheel.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,9 @@ lint: install
 	$(BIN)/ruff check milton tests benchmarks scripts
 	$(BIN)/mypy
 
-## The whole suite, after lint (systemd's own tools verify the units, so make sure they exist).
-test: lint systemd-tools
+## The whole suite, after lint (systemd's own tools verify the units and Debian's chromium
+## renders the dashboard, so make sure they exist).
+test: lint systemd-tools browser-tools
 	$(BIN)/python -m pytest
 
 bench: install
@@ -61,6 +62,16 @@ systemd-tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
 	  else \
 	    echo "warning: systemd-analyze not found; unit verification tests will be skipped (they fail under CI)"; \
+	  fi; }
+
+## Playwright drives the system's chromium (no browser download): Debian's package.
+browser-tools:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (for the dashboard's browser tests) ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "warning: chromium not found; dashboard browser tests will be skipped (they fail under CI)"; \
 	  fi; }
 
 clean:
