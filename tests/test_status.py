@@ -97,6 +97,7 @@ def test_models_memory_and_store_sizes(cli, settings, memory_db, embedder):
     ])
     _, report = _status(cli)
     assert report["artifacts"] == [{"kind": "anomaly", "current": v2.name, "created": v2.created,
+                                    "decision": None, "reason": None,
                                     "versions": 2, "pinned": ["v000001"]}]
     assert report["memory"]["tiers"] == {"short": 1, "working": 0, "long": 1}
     assert report["memory"]["sessions_active"] == 1

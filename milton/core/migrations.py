@@ -421,3 +421,11 @@ def m009_alert_dedupe(db: sqlite_utils.Database) -> None:
         )
         """
     )
+
+
+@migration
+def m010_job_runs_lookup(db: sqlite_utils.Database) -> None:
+    # `milton status` and the dashboard read each job's newest run, its failure streak and its
+    # last success: index lookups with these, instead of scans of the job's year of runs.
+    db.execute("create index job_runs_job_id on job_runs (job, id)")
+    db.execute("create index job_runs_job_status_started on job_runs (job, status, started)")

@@ -78,7 +78,9 @@ def key_metric(job: str, metrics: dict[str, Any]) -> str | None:
 
 def _job_rows(conn: sqlite3.Connection, streak_window: int) -> dict[str, dict[str, Any]]:
     jobs: dict[str, dict[str, Any]] = {}
-    names = [r[0] for r in conn.execute("select distinct job from job_runs")]
+    from milton.core.jobs import job_names
+
+    names = job_names(conn)
     for name in names:
         row = conn.execute(
             "select id, started, finished, status, metrics, error from job_runs "
