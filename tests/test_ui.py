@@ -89,6 +89,10 @@ def test_every_page_loads_clean_and_charts_hold_the_store(ui_server, page):
     first = page.locator("#hits tbody tr").first.inner_text()
     assert "sourdough" in first
     assert "Buy rye flour" in page.locator("#tasks").inner_text()
+    page.goto(server.base + "/ui/anomalies")
+    assert "0.0123" in page.locator("#anomaly-model").inner_text()
+    # serve's own view: the seeded model is no real one, so it says it could not load it
+    assert "anomaly/v000001: cannot load model" in page.locator("#anomaly-serving").inner_text()
     page.goto(server.base + "/ui/jobs/3")
     assert page.locator("#run-error").inner_text() == "disk <full>"
     assert page.problems == []

@@ -222,10 +222,11 @@ def mount_dashboard(app: FastAPI, settings: Settings) -> None:
     @router.get("/anomalies")
     async def anomalies(request: Request, q: str = "") -> Response:
         def build() -> dict[str, Any]:
-            loaded = app.state.hot.get() if hasattr(app.state, "hot") else None
+            from milton.serve.anomaly import anomaly_telemetry
+
+            serving = anomaly_telemetry(app.state.hot) if hasattr(app.state, "hot") else None
             return ui.with_store(lambda db: pages.anomalies(
-                settings, db.conn, utcnow(), query=q.strip() or None,
-                serving=loaded.version if loaded else None))
+                settings, db.conn, utcnow(), query=q.strip() or None, serving=serving))
         return await ui.page(request, "anomalies.html", build)
 
     @router.get("/learning")

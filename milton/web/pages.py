@@ -42,7 +42,8 @@ def overview(settings: Settings, now: datetime) -> dict[str, Any]:
 
 # -- Anomalies --------------------------------------------------------------------------------
 def anomalies(settings: Settings, conn: Any, now: datetime, *, query: str | None,
-              serving: str | None) -> dict[str, Any]:
+              serving: dict[str, Any] | None) -> dict[str, Any]:
+    """``serving``: serve's own view of its anomaly model (loaded version, reloads, errors)."""
     from milton.anomaly.alerts import alerts_per_day, list_alerts, list_mutes
     from milton.anomaly.detect import latest_rows
     from milton.models.layout import ANOMALY_KIND, artifact_store
