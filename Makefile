@@ -55,24 +55,24 @@ docs: install
 	  open('docs/cli.md', 'w').write(render_cli_reference()); \
 	  open('config.toml', 'w').write(render_default_config())"
 
-systemd-tools:
-	@command -v systemd-analyze >/dev/null 2>&1 || { \
+# $(call debian-tool,COMMAND,PACKAGE,TESTS): install PACKAGE from Debian when COMMAND is
+# missing and we are root; otherwise a warning (those TESTS skip, and fail under CI=true).
+define debian-tool
+	@command -v $(1) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing systemd (for systemd-analyze) ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
+	    echo "installing $(2) (for $(1), $(3)) ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	  else \
-	    echo "warning: systemd-analyze not found; unit verification tests will be skipped (they fail under CI)"; \
+	    echo "warning: $(1) not found; $(3) will be skipped (they fail under CI)"; \
 	  fi; }
+endef
+
+systemd-tools:
+	$(call debian-tool,systemd-analyze,systemd,unit verification tests)
 
 ## Playwright drives the system's chromium (no browser download): Debian's package.
 browser-tools:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium (for the dashboard's browser tests) ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else \
-	    echo "warning: chromium not found; dashboard browser tests will be skipped (they fail under CI)"; \
-	  fi; }
+	$(call debian-tool,chromium,chromium,the dashboard's browser tests)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info
