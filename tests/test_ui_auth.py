@@ -129,6 +129,12 @@ def test_without_a_key_loopback_needs_no_login_but_still_a_csrf_token(milton_hom
             token = _csrf(page.text)
             assert client.post("/ui/alerts/ack", data={"id": alert, "csrf": token}).status_code == 303
             assert _open_alerts(server.settings) == 0
+            # bad requests are a one-line error page, not a 500
+            bad = client.post("/ui/models/Nope/rollback", data={"csrf": token})
+            assert bad.status_code == 400 and "no model kind &#39;Nope&#39;" in bad.text
+            bad = client.post("/ui/alerts/ack", data={"id": "12345", "csrf": token})
+            assert bad.status_code == 400 and "no such alert: 12345" in bad.text
+            assert client.get("/ui/memory?since=yesterday-ish").status_code == 400
 
 
 def test_login_form_in_the_browser(keyed, browser):

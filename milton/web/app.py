@@ -308,9 +308,12 @@ def mount_dashboard(app: FastAPI, settings: Settings) -> None:
     @router.post("/models/{kind}/{verb}")
     async def model_action(request: Request, kind: str, verb: str) -> Response:
         def act(form: dict[str, str]) -> str:
+            from milton.core.artifacts import known_kinds
             from milton.core.errors import InputError
             from milton.models.layout import artifact_store
 
+            if kind not in known_kinds(settings.paths.checkpoints_dir):
+                raise InputError(f"models: no model kind {kind!r}")
             store = artifact_store(settings, kind)
             version = form.get("version") or None
             if verb == "promote" and version:
