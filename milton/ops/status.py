@@ -11,6 +11,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,8 +124,25 @@ def _memory_counts(conn: sqlite3.Connection) -> dict[str, Any] | None:
 
 
 # -- schedule ------------------------------------------------------------------------------
+#: How long a long-running reader (serve's dashboard) reuses systemd's answer: asking costs two
+#: systemctl processes, and a timer's next elapse only changes when it fires.
+SYSTEMD_CACHE_S = 30.0
+_systemd_cache: dict[tuple[str, ...], tuple[float, dict[str, datetime]]] = {}
+
+
 def _systemd_next(units: list[str]) -> dict[str, datetime]:
-    """NEXT elapse per timer from a running systemd (user, then system); {} when unavailable."""
+    """NEXT elapse per timer from a running systemd (user, then system); {} when unavailable.
+    Remembered for ``SYSTEMD_CACHE_S`` within one process."""
+    key = tuple(units)
+    cached = _systemd_cache.get(key)
+    if cached is not None and time.monotonic() - cached[0] < SYSTEMD_CACHE_S:
+        return cached[1]
+    found = _ask_systemd(units)
+    _systemd_cache[key] = (time.monotonic(), found)
+    return found
+
+
+def _ask_systemd(units: list[str]) -> dict[str, datetime]:
     for scope in (["--user"], []):
         try:
             proc = subprocess.run(
