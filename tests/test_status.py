@@ -181,3 +181,20 @@ def test_age_text():
     assert age(iso(now + timedelta(minutes=12)), now) == "in 12m"
     assert age(iso(now - timedelta(days=2)), now) == "2.0d ago"
     assert age(None, now) == "-"
+
+
+def test_systemd_answer_is_reused_for_a_while(monkeypatch):
+    """serve's dashboard loads the overview every 30 s: systemctl is asked once per window."""
+    from milton.ops import status
+
+    calls = []
+    monkeypatch.setattr(status, "_ask_systemd", lambda units: calls.append(units) or {})
+    monkeypatch.setattr(status, "_systemd_cache", {})
+    status._systemd_next(["a.timer"])
+    status._systemd_next(["a.timer"])
+    assert calls == [["a.timer"]]
+    status._systemd_next(["b.timer"])  # other units: asked
+    assert len(calls) == 2
+    monkeypatch.setattr(status, "SYSTEMD_CACHE_S", 0.0)  # window over: asked again
+    status._systemd_next(["a.timer"])
+    assert len(calls) == 3
