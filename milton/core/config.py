@@ -7,9 +7,11 @@ into a :class:`ConfigError` whose message names the key and where the value came
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from pydantic_settings import (
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from milton.core.errors import ConfigError
@@ -751,6 +754,30 @@ def _env_name(dotted: str) -> str:
     return ENV_PREFIX + dotted.replace(".", ENV_NESTED).upper()
 
 
+def _env_parse_error(environ: dict[str, str], exc: Exception) -> str:
+    """Name the variable pydantic-settings could not parse (it names only the section)."""
+    for name, value in sorted(environ.items()):
+        if not name.upper().startswith(ENV_PREFIX) or ENV_NESTED not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition(ENV_NESTED)
+        section_field = Settings.model_fields.get(section)
+        model = section_field.annotation if section_field else None
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            continue
+        origin = typing.get_origin(field.annotation) or field.annotation
+        if origin not in (list, dict, set, tuple, frozenset):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            kind = "an object" if origin is dict else "a list"
+            example = '{"key": "value"}' if origin is dict else '["a", "b"]'
+            return (f"env {name.upper()}: {section}.{key}: expected {kind} as JSON "
+                    f"(e.g. {example}), got {value[:60]!r}")
+    return f"environment: {' '.join(str(exc).split())}"
+
+
 def load_settings(
     config_file: Path | str | None = None,
     environ: dict[str, str] | None = None,
@@ -781,7 +808,10 @@ def load_settings(
         case_sensitive=False,
     )
     env_source.env_vars = {k.lower(): v for k, v in environ.items()}  # read from our copy
-    env_data = env_source()
+    try:
+        env_data = env_source()
+    except SettingsError as exc:  # a list/dict setting whose value is not JSON
+        raise ConfigError(_env_parse_error(environ, exc)) from None
 
     flat_toml = _flatten(toml_data)
     flat_env = _flatten(env_data)
@@ -790,6 +820,8 @@ def load_settings(
     def where(dotted: str) -> str:
         if dotted in flat_init:
             return "init"
+        if dotted not in flat_env and any(k.startswith(f"{dotted}.") for k in flat_env):
+            return f"env {_env_name(dotted)}"  # a JSON object given where a value belongs
         if dotted in flat_env:
             if dotted == "paths.home" and home_alias:
                 return "env MILTON_HOME"

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from typing import Any, cast
 import sqlite_utils
 
 from milton.core.config import Settings
-from milton.core.errors import BusyError, MiltonError
+from milton.core.errors import BusyError, DiskFullError, MiltonError, is_disk_full
 from milton.core.log import get_logger, log_event
 from milton.core.store import open_store
 from milton.core.timeutil import iso, utcnow
@@ -199,6 +200,17 @@ def unfinished_run(db: sqlite_utils.Database, table: str, same: dict[str, Any], 
     return None
 
 
+def out_of_space_message(job: str, exc: BaseException, settings: Settings) -> str:
+    """One line for a job that ran out of disk: where, why, and that nothing was half-written."""
+    where = getattr(exc, "filename", None) or (
+        settings.db_path if isinstance(exc, sqlite3.Error) else None)
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    place = f" writing {where}" if where else (
+        f" (store in {settings.paths.data_dir}, models in {settings.paths.checkpoints_dir})")
+    return (f"{job}: out of disk space{place}: {detail}; this run's changes were rolled back: "
+            "free some space and run it again")
+
+
 def run_job(
     job: str,
     fn: Callable[[JobContext], dict[str, Any] | None],
@@ -264,11 +276,20 @@ def run_job(
                     log_event(logger, f"{job}: skipped: {skip.reason}", job=job, status="skipped")
                     return result
                 except BaseException as exc:
+                    full = is_disk_full(exc) and not isinstance(exc, MiltonError)
                     message = str(exc) or type(exc).__name__
-                    if not isinstance(exc, MiltonError):
+                    if full:
+                        message = out_of_space_message(job, exc, settings)
+                    elif not isinstance(exc, MiltonError):
                         message = f"{type(exc).__name__}: {message}"
-                    finish(run_id, "failed", {}, message, t0, store)
+                    try:
+                        finish(run_id, "failed", {}, message, t0, store)
+                    except (OSError, sqlite3.Error):
+                        if not full:
+                            raise  # a full disk may refuse the record too; the error still shows
                     log_event(logger, f"{job}: failed: {message}", level=40, job=job, status="failed")
+                    if full:
+                        raise DiskFullError(message) from None
                     raise
                 result = finish(run_id, "ok", metrics, None, t0, store)
                 log_event(logger, f"{job}: ok", job=job, status="ok",

@@ -12,6 +12,7 @@ time that file changes).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any
 
 import sqlite_utils
 
+from milton.core.errors import InputError
+from milton.core.inputs import open_regular, special_file_reason
 from milton.memory.conversations import collect_files
 from milton.memory.embed import Embedder
 from milton.memory.memories import (
@@ -194,6 +197,8 @@ def _targets(paths: Iterable[str | Path], report: DocumentReport) -> list[Path]:
                 files.append(path)
             else:
                 report.skipped.append((str(path), f"not a {'/'.join(SUFFIXES)} file"))
+        elif os.path.lexists(path):
+            report.skipped.append((str(path), special_file_reason(path) or "not a regular file"))
         else:
             report.skipped.append((str(path), "no such file or directory"))
     return list(dict.fromkeys(f.resolve() for f in files))
@@ -201,7 +206,10 @@ def _targets(paths: Iterable[str | Path], report: DocumentReport) -> list[Path]:
 
 def _read(path: Path) -> tuple[bytes | None, str]:
     try:
-        return path.read_bytes(), ""
+        with open_regular(path) as handle:  # never blocks on a FIFO or reads a device
+            return handle.read(), ""
+    except InputError as exc:
+        return None, str(exc).removeprefix(f"{path}: ")
     except OSError as exc:
         return None, f"cannot read: {exc.strerror or exc}"
 

@@ -18,7 +18,6 @@ flock while in use: :func:`staging`), which listing and verification ignore and
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import gzip
 import hashlib
@@ -40,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from milton.core.config import BackupConfig
-from milton.core.errors import InputError, MiltonError
+from milton.core.errors import InputError, MiltonError, is_disk_full
 from milton.core.fsio import atomic_write_json
 from milton.core.timeutil import iso, utcnow
 
@@ -59,7 +58,6 @@ _NAME_RE = re.compile(
 )
 _LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _STAGING_RE = re.compile(r"^\.milton-[a-z]+-[0-9a-f]{32}\.partial$")
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 #: progress(phase, done, total): called as work advances (bytes; total None = unknown).
 Progress = Callable[[str, int, "int | None"], None]
@@ -267,10 +265,7 @@ def clean_stale(parent: Path, min_age_s: float = 60.0) -> list[str]:
 
 # -- small helpers --------------------------------------------------------------------------
 def disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in _DISK_FULL_ERRNOS
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR_WRITE")
+    return is_disk_full(exc)
 
 
 def space_error(directory: Path, exc: BaseException, what: str) -> BackupError:
