@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import stat
@@ -61,7 +62,8 @@ def lone_surrogate(text: str, decoded: Any) -> str | None:
                 return where or "<top>"
         elif isinstance(value, dict):
             for key, item in value.items():
-                name = f"{where}.{key}" if where else str(key)
+                shown = json.dumps(str(key)[:40])[1:-1]  # escaped: a key may hold anything
+                name = f"{where}.{shown}" if where else shown
                 if any("\ud800" <= ch <= "\udfff" for ch in str(key)):
                     return f"{name} (its key)"
                 stack.append((name, item))

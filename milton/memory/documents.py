@@ -114,14 +114,24 @@ def paragraphs(body: str) -> list[str]:
     return [b for b in blocks if b.strip()]
 
 
+_NON_SPACE = re.compile(r"\S")
+
+
 def _hard_split(text: str, limit: int) -> list[str]:
+    """Pieces of at most ``limit``, cut at the last space in their second half if any.
+
+    Walks an index instead of re-slicing the rest of the text after each piece: slicing made
+    one long sentence (a megabyte with no sentence end) cost O(n^2 / limit) in copying.
+    """
     parts = []
-    while len(text) > limit:
-        cut = text.rfind(" ", limit // 2, limit)
-        cut = cut if cut > 0 else limit
-        parts.append(text[:cut].rstrip())
-        text = text[cut:].lstrip()
-    return parts + ([text] if text else [])
+    start, end = 0, len(text)
+    while end - start > limit:
+        found = text.rfind(" ", start + limit // 2, start + limit)
+        cut = found - start if found > start else limit
+        parts.append(text[start:start + cut].rstrip())
+        rest = _NON_SPACE.search(text, start + cut)  # what str.lstrip() would skip (same \s)
+        start = rest.start() if rest else end
+    return parts + ([text[start:]] if start < end else [])
 
 
 def _pack(pieces: Iterable[str], limit: int, joiner: str) -> list[str]:
