@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,49 @@ def test_a_list_setting_from_env_that_is_not_json(cli, value):
     assert rc == 2
     assert_clean_error(err, "env MILTON_TRAIN__SENSITIVE_PATTERNS: train.sensitive_patterns: "
                             "expected a list as JSON")
+
+
+# -- defect 11: a killed job is 'interrupted', not 'running' for a week ----------------------------
+SLOW_JOB = r"""
+import sys, time
+from pathlib import Path
+from milton.core.config import load_settings
+from milton.core.jobs import run_job
+
+def job(ctx):
+    Path(sys.argv[1]).write_text("started")
+    time.sleep(600)
+
+run_job("backup", job, load_settings().settings)
+"""
+
+
+def test_a_killed_job_shows_interrupted(cli, milton_home, settings):
+    from milton.ops.status import gather_status
+
+    started = milton_home / "started"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_JOB, str(started)],
+                             env={**os.environ, "PYTHONPATH": str(REPO)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            if started.exists() or child.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert started.exists(), child.stderr.read().decode()[-2000:] if child.stderr else ""
+        jobs = {j["job"]: j for j in gather_status(settings, use_systemd=False)["jobs"]}
+        assert jobs["backup"]["last_status"] == "running"  # alive: its lock is held
+        child.kill()  # kill -9
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    report = gather_status(settings, use_systemd=False)
+    jobs = {j["job"]: j for j in report["jobs"]}
+    assert jobs["backup"]["last_status"] == "interrupted"
+    assert f"pid {child.pid}" in jobs["backup"]["error"]
+    assert any("backup: interrupted" in a["message"] for a in report["attention"])
+    rc, out, err = cli("status", env={"COLUMNS": "200"})
+    assert "interrupted" in out and "running" not in out.split("Jobs")[1].split("Models")[0], out
+    # the store itself still says 'running' (status is read-only); the next run closes it
+    assert rows(settings.db_path, "select count(*) from job_runs where status = 'running'") == 1

@@ -124,6 +124,37 @@ def job_lock(locks_dir: Path, name: str, *, wait_s: float = 0.0, poll_s: float =
         os.close(fd)
 
 
+def owner_gone(locks_dir: Path, job: str, host: str | None, pid: int | None) -> bool:
+    """Whether a 'running' row's process is certainly dead: the job's lock is free and, when
+    it ran on this host, its pid no longer exists (kill -9, OOM kill, power loss).
+
+    Read-only: the lock file is never created, and the probe (a shared, non-blocking flock,
+    released at once) is only made once the pid is known to be gone.
+    """
+    if host == socket.gethostname() and pid:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            pass  # gone
+        except (OSError, ValueError, OverflowError):
+            return False  # exists (another user's process), or a pid we cannot judge
+        else:
+            return False
+    try:
+        fd = os.open(locks_dir / f"{job}.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False  # held: a run of this job is alive (here, or the pid was reused)
+    finally:
+        os.close(fd)
+
+
 def _busy_names(locks_dir: Path) -> list[str]:
     """Which named locks are held right now (a probe: take and release each)."""
     busy = []
