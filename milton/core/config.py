@@ -263,6 +263,36 @@ class JobsConfig(_Section):
         description="How long a heavy job (train-lora, compress-memory, backup, evolve) waits "
         "for another heavy job to finish before giving up as busy (exit 75).",
     )
+    # History retention (run once a day by the ingest job): an ingest every 5 minutes is
+    # ~105k job_runs rows a year, and the logs below grow as fast.
+    runs_keep_days: float = Field(
+        default=90.0, gt=0,
+        description="job_runs rows (ok, skipped) older than this are deleted. Each job's newest "
+        "runs_keep_last runs and its last ok run are always kept (status and the scheduler "
+        "read them).",
+    )
+    failed_runs_keep_days: float = Field(
+        default=365.0, gt=0,
+        description="Failed job_runs rows are kept this long (longer than ok ones: they are "
+        "the ones someone looks back at).",
+    )
+    runs_keep_last: int = Field(
+        default=20, ge=10,
+        description="Each job's newest runs that are never deleted, whatever their age "
+        "(covers status's failure streak window).",
+    )
+    log_max_mb: float = Field(
+        default=10.0, gt=0,
+        description="data/logs/jobs.jsonl is rotated to jobs.jsonl.1 (.2, ...) past this size.",
+    )
+    log_keep_files: int = Field(
+        default=3, ge=0, description="Rotated jobs.jsonl.N files kept (older ones are deleted)."
+    )
+    session_logs_keep_days: float = Field(
+        default=90.0, gt=0,
+        description="Per-session JSON logs (data/logs/sessions/) older than this are deleted "
+        "(the sessions and memories themselves stay in the store).",
+    )
 
 
 class StatusConfig(_Section):
