@@ -100,11 +100,13 @@ def special_file_reason(path: Path) -> str | None:
         return f"cannot read: {exc.strerror or exc}"
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path, *, allow_fifo: bool = False) -> BinaryIO:
     """Open a regular file for reading, never blocking on a FIFO or reading a device.
 
     The check is on the opened descriptor (fstat), so a file swapped for a FIFO after a
-    directory scan is refused too. Raises :class:`InputError` naming the file.
+    directory scan is refused too. ``allow_fifo``: a pipe the user named on purpose
+    (``--from <(ssh host milton-agent)``) is read; opened non-blocking, a FIFO with no writer
+    reads as empty instead of hanging. Raises :class:`InputError` naming the file.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -117,7 +119,8 @@ def open_regular(path: Path) -> BinaryIO:
             raise InputError(f"{path}: permission denied") from None
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        reason = _kind_of(os.fstat(fd).st_mode)
+        mode = os.fstat(fd).st_mode
+        reason = None if allow_fifo and stat.S_ISFIFO(mode) else _kind_of(mode)
         if reason is not None:
             raise InputError(f"{path}: {reason}")
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -136,6 +139,6 @@ def open_source(path: str | Path) -> tuple[BinaryIO, str, bool]:
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected a file")
-    return open_regular(p), str(p), True
+    return open_regular(p, allow_fifo=True), str(p), True
 
 
