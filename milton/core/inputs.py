@@ -105,8 +105,8 @@ def open_regular(path: Path, *, allow_fifo: bool = False) -> BinaryIO:
 
     The check is on the opened descriptor (fstat), so a file swapped for a FIFO after a
     directory scan is refused too. ``allow_fifo``: a pipe the user named on purpose
-    (``--from <(ssh host milton-agent)``) is read; opened non-blocking, a FIFO with no writer
-    reads as empty instead of hanging. Raises :class:`InputError` naming the file.
+    (``--from <(ssh host milton-agent)``, a named pipe) is read like ``cat`` reads it, waiting
+    for its writer. Raises :class:`InputError` naming the file.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -120,14 +120,19 @@ def open_regular(path: Path, *, allow_fifo: bool = False) -> BinaryIO:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         mode = os.fstat(fd).st_mode
-        reason = None if allow_fifo and stat.S_ISFIFO(mode) else _kind_of(mode)
+        if allow_fifo and stat.S_ISFIFO(mode):
+            os.close(fd)
+            fd = -1
+            return open(path, "rb")  # blocking, as the user asked: it waits for the writer
+        reason = _kind_of(mode)
         if reason is not None:
             raise InputError(f"{path}: {reason}")
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
         return os.fdopen(fd, "rb")
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
 
 
