@@ -298,7 +298,10 @@ def _swap_db(settings: Settings, staged: Path, undo: Undo, aside: Path) -> None:
         Path(f"{live}{suffix}").unlink(missing_ok=True)
     had_live = live.exists()
     if had_live:
-        os.link(live, aside)
+        try:
+            os.link(live, aside)
+        except OSError:  # a filesystem without hard links: keep a copy instead
+            shutil.copyfile(live, aside)
 
     def put_back() -> None:
         for suffix in ("-wal", "-shm", "-journal"):
