@@ -292,7 +292,7 @@ def test_verify_names_a_corrupted_member_and_restore_refuses_it(cli, milton_home
     rc, _, err = cli("backup", env={"MILTON_BACKUP__COMPRESSION": "none"})
     assert rc == 0, err
     [info] = list_backups(settings)
-    assert info.name.endswith(".tar") and info.verified == "ok"
+    assert info.name.endswith(".tar") and info.last_verified_ok and info.verified is None
     member = f"checkpoints/adapter/{v1}/model.bin"
     with tarfile.open(info.path) as tar:
         offset = tar.getmember(member).offset_data

@@ -136,10 +136,13 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-reada
                   collapse_padding=True)
     for col in cols:
         table.add_column(col, justify="right" if col in ("size", "rows", "schema") else "left",
-                         no_wrap=True)
+                         no_wrap=col != "verified")  # "not re-verified since ..." may wrap
     for i in infos:
         d = i.as_dict()
-        status = "UNREADABLE" if i.error else {"ok": "ok", "failed": "FAILED"}.get(i.verified or "", "unverified")
+        status = ("UNREADABLE" if i.error else "FAILED" if i.verified == "failed"
+                  else f"not re-verified since {i.last_verified_ok.replace('T', ' ')}"
+                  if i.last_verified_ok
+                  else "unverified")
         cells = {"name": i.name, "created": d["created"], "size": _mb(i.size_bytes),
                  "schema": str(d["schema_version"] or "-"), "rows": f"{d['rows_total']:,}",
                  "label": i.label or "", "verified": status}

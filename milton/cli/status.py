@@ -11,7 +11,8 @@ from rich.text import Text
 
 from milton.cli.common import State, out, parse_now, print_json
 
-_STYLE = {"ok": "green", "failed": "red", "skipped": "yellow", "running": "cyan"}
+_STYLE = {"ok": "green", "failed": "red", "skipped": "yellow", "running": "cyan",
+          "interrupted": "red"}
 
 
 def _iso(ts: float) -> str:

@@ -7,9 +7,11 @@ into a :class:`ConfigError` whose message names the key and where the value came
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from pydantic_settings import (
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from milton.core.errors import ConfigError
@@ -259,6 +262,36 @@ class JobsConfig(_Section):
         ge=0,
         description="How long a heavy job (train-lora, compress-memory, backup, evolve) waits "
         "for another heavy job to finish before giving up as busy (exit 75).",
+    )
+    # History retention (run once a day by the ingest job): an ingest every 5 minutes is
+    # ~105k job_runs rows a year, and the logs below grow as fast.
+    runs_keep_days: float = Field(
+        default=90.0, gt=0,
+        description="job_runs rows (ok, skipped) older than this are deleted. Each job's newest "
+        "runs_keep_last runs and its last ok run are always kept (status and the scheduler "
+        "read them).",
+    )
+    failed_runs_keep_days: float = Field(
+        default=365.0, gt=0,
+        description="Failed job_runs rows are kept this long (longer than ok ones: they are "
+        "the ones someone looks back at).",
+    )
+    runs_keep_last: int = Field(
+        default=20, ge=10,
+        description="Each job's newest runs that are never deleted, whatever their age "
+        "(covers status's failure streak window).",
+    )
+    log_max_mb: float = Field(
+        default=10.0, gt=0,
+        description="data/logs/jobs.jsonl is rotated to jobs.jsonl.1 (.2, ...) past this size.",
+    )
+    log_keep_files: int = Field(
+        default=3, ge=0, description="Rotated jobs.jsonl.N files kept (older ones are deleted)."
+    )
+    session_logs_keep_days: float = Field(
+        default=90.0, gt=0,
+        description="Per-session JSON logs (data/logs/sessions/) older than this are deleted "
+        "(the sessions and memories themselves stay in the store).",
     )
 
 
@@ -751,6 +784,30 @@ def _env_name(dotted: str) -> str:
     return ENV_PREFIX + dotted.replace(".", ENV_NESTED).upper()
 
 
+def _env_parse_error(environ: dict[str, str], exc: Exception) -> str:
+    """Name the variable pydantic-settings could not parse (it names only the section)."""
+    for name, value in sorted(environ.items()):
+        if not name.upper().startswith(ENV_PREFIX) or ENV_NESTED not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition(ENV_NESTED)
+        section_field = Settings.model_fields.get(section)
+        model = section_field.annotation if section_field else None
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            continue
+        origin = typing.get_origin(field.annotation) or field.annotation
+        if origin not in (list, dict, set, tuple, frozenset):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            kind = "an object" if origin is dict else "a list"
+            example = '{"key": "value"}' if origin is dict else '["a", "b"]'
+            return (f"env {name.upper()}: {section}.{key}: expected {kind} as JSON "
+                    f"(e.g. {example}), got {value[:60]!r}")
+    return f"environment: {' '.join(str(exc).split())}"
+
+
 def load_settings(
     config_file: Path | str | None = None,
     environ: dict[str, str] | None = None,
@@ -781,7 +838,10 @@ def load_settings(
         case_sensitive=False,
     )
     env_source.env_vars = {k.lower(): v for k, v in environ.items()}  # read from our copy
-    env_data = env_source()
+    try:
+        env_data = env_source()
+    except SettingsError as exc:  # a list/dict setting whose value is not JSON
+        raise ConfigError(_env_parse_error(environ, exc)) from None
 
     flat_toml = _flatten(toml_data)
     flat_env = _flatten(env_data)
@@ -790,6 +850,8 @@ def load_settings(
     def where(dotted: str) -> str:
         if dotted in flat_init:
             return "init"
+        if dotted not in flat_env and any(k.startswith(f"{dotted}.") for k in flat_env):
+            return f"env {_env_name(dotted)}"  # a JSON object given where a value belongs
         if dotted in flat_env:
             if dotted == "paths.home" and home_alias:
                 return "env MILTON_HOME"

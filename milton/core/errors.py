@@ -6,6 +6,10 @@
 
 from __future__ import annotations
 
+import errno
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -36,3 +40,17 @@ class ArtifactError(MiltonError):
     """A model artifact is missing, corrupt or fails its checksum."""
 
     exit_code = EXIT_FAILED
+
+
+class DiskFullError(MiltonError):
+    """The disk (or a quota, or a file-size limit) ran out; the run's writes were undone."""
+
+    exit_code = EXIT_FAILED
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EFBIG/EDQUOT from the OS, or SQLite's ``database or disk is full``."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL_ERRNOS
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR_WRITE")

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from typing import Any, cast
 import sqlite_utils
 
 from milton.core.config import Settings
-from milton.core.errors import BusyError, MiltonError
+from milton.core.errors import BusyError, DiskFullError, MiltonError, is_disk_full
 from milton.core.log import get_logger, log_event
 from milton.core.store import open_store
 from milton.core.timeutil import iso, utcnow
@@ -119,6 +120,37 @@ def job_lock(locks_dir: Path, name: str, *, wait_s: float = 0.0, poll_s: float =
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         yield
+    finally:
+        os.close(fd)
+
+
+def owner_gone(locks_dir: Path, job: str, host: str | None, pid: int | None) -> bool:
+    """Whether a 'running' row's process is certainly dead: the job's lock is free and, when
+    it ran on this host, its pid no longer exists (kill -9, OOM kill, power loss).
+
+    Read-only: the lock file is never created, and the probe (a shared, non-blocking flock,
+    released at once) is only made once the pid is known to be gone.
+    """
+    if host == socket.gethostname() and pid:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            pass  # gone
+        except (OSError, ValueError, OverflowError):
+            return False  # exists (another user's process), or a pid we cannot judge
+        else:
+            return False
+    try:
+        fd = os.open(locks_dir / f"{job}.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False  # held: a run of this job is alive (here, or the pid was reused)
     finally:
         os.close(fd)
 
@@ -250,6 +282,17 @@ def unfinished_run(db: sqlite_utils.Database, table: str, same: dict[str, Any], 
     return None
 
 
+def out_of_space_message(job: str, exc: BaseException, settings: Settings) -> str:
+    """One line for a job that ran out of disk: where, why, and that nothing was half-written."""
+    where = getattr(exc, "filename", None) or (
+        settings.db_path if isinstance(exc, sqlite3.Error) else None)
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    place = f" writing {where}" if where else (
+        f" (store in {settings.paths.data_dir}, models in {settings.paths.checkpoints_dir})")
+    return (f"{job}: out of disk space{place}: {detail}; this run's changes were rolled back: "
+            "free some space and run it again")
+
+
 def run_job(
     job: str,
     fn: Callable[[JobContext], dict[str, Any] | None],
@@ -315,11 +358,20 @@ def run_job(
                     log_event(logger, f"{job}: skipped: {skip.reason}", job=job, status="skipped")
                     return result
                 except BaseException as exc:
+                    full = is_disk_full(exc) and not isinstance(exc, MiltonError)
                     message = str(exc) or type(exc).__name__
-                    if not isinstance(exc, MiltonError):
+                    if full:
+                        message = out_of_space_message(job, exc, settings)
+                    elif not isinstance(exc, MiltonError):
                         message = f"{type(exc).__name__}: {message}"
-                    finish(run_id, "failed", {}, message, t0, store)
+                    try:
+                        finish(run_id, "failed", {}, message, t0, store)
+                    except (OSError, sqlite3.Error):
+                        if not full:
+                            raise  # a full disk may refuse the record too; the error still shows
                     log_event(logger, f"{job}: failed: {message}", level=40, job=job, status="failed")
+                    if full:
+                        raise DiskFullError(message) from None
                     raise
                 result = finish(run_id, "ok", metrics, None, t0, store)
                 log_event(logger, f"{job}: ok", job=job, status="ok",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from milton.core.housekeeping import prune_history
 from milton.core.jobs import JobContext
 from milton.ingest.processes import (
     apply_retention,
@@ -31,6 +32,9 @@ def ingest_processes_job(from_file: str | None = None, *, strict: bool = False,
             metrics = {"source": report.source, **report.as_metrics(),
                        "rejected_rows": report.rejected[:50]}  # the count is in "rejected"
         metrics["retention_deleted"] = apply_retention(ctx.db, ctx.now, retention_days(ctx))
+        history = prune_history(ctx.settings, ctx.db)  # once a day: no extra timer
+        if history is not None:
+            metrics["history"] = history
         ctx.log("ingested", **{k: v for k, v in metrics.items() if k != "rejected_rows"})
         return metrics
 

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import sqlite_utils
 
 from milton.core.errors import InputError
-from milton.core.inputs import open_source, read_lines
+from milton.core.inputs import lone_surrogate, open_source, read_lines
 
 COLUMNS = ("snapshot_id", "host", "ts", "pid", "ppid", "name", "exe", "username", "cpu", "rss",
            "create_time")
@@ -342,6 +342,11 @@ def parse_records(
                 continue
             except (ValueError, RecursionError) as exc:  # e.g. an integer with > 4300 digits
                 yield number, None, f"invalid JSON: {str(exc)[:80]}"
+                continue
+            where = lone_surrogate(text, record)
+            if where is not None:
+                yield number, None, (f"field '{where}': a lone surrogate escape (e.g. \\ud800) "
+                                     "is not valid Unicode")
                 continue
             try:
                 yield number, normalize_record(record), None

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import sqlite_utils
 
 from milton.core.errors import InputError
-from milton.core.inputs import open_source, read_lines
+from milton.core.inputs import lone_surrogate, open_source, read_lines, special_file_reason
 from milton.memory.sessions import (
     ROLES,
     MessageIn,
@@ -241,11 +241,19 @@ def _fill_times(stamps: list[float | None], start: float | None, now: float) -> 
 
 def _decode(text: str) -> Any:
     try:
-        return json.loads(text)
+        record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecordError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     except (ValueError, RecursionError) as exc:
         raise RecordError(f"invalid JSON: {str(exc)[:80]}") from None
+    _no_surrogate(text, record)
+    return record
+
+
+def _no_surrogate(text: str, record: Any) -> None:
+    where = lone_surrogate(text, record)
+    if where is not None:
+        raise RecordError(f"{where}: a lone surrogate escape (e.g. \\ud800) is not valid Unicode")
 
 
 def _jsonl_records(lines: Iterator[tuple[int, str | None, str | None]]) -> Iterator[tuple[int, Any, str | None]]:
@@ -274,14 +282,25 @@ def _json_records(text: str) -> Iterator[tuple[int, Any, str | None]]:
         yield 1, None, f"invalid JSON: {str(exc)[:80]}"
         return
     if not isinstance(data, list):
-        yield _line_of(text, len(text) - len(text.lstrip())), data, None
+        line = _line_of(text, len(text) - len(text.lstrip()))
+        try:
+            _no_surrogate(text, data)
+        except RecordError as exc:
+            yield line, None, str(exc)
+            return
+        yield line, data, None
         return
     decoder, pos = json.JSONDecoder(), text.index("[") + 1
     ws = re.compile(r"[\s,]*")
     for item in data:  # re-scan only for positions; the document is known to be valid
         pos = ws.match(text, pos).end()  # type: ignore[union-attr]
         _, end = decoder.raw_decode(text, pos)
-        yield _line_of(text, pos), item, None
+        try:
+            _no_surrogate(text[pos:end], item)
+        except RecordError as exc:
+            yield _line_of(text, pos), None, str(exc)
+        else:
+            yield _line_of(text, pos), item, None
         pos = end
 
 
@@ -380,10 +399,12 @@ def collect_files(path: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], li
             if name.startswith("."):
                 continue
             full = Path(root) / name
-            if full.suffix.lower() in suffixes:
-                files.append(full)
-            else:
+            if full.suffix.lower() not in suffixes:
                 skipped.append((str(full), f"not a {'/'.join(suffixes)} file"))
+            elif (special := special_file_reason(full)) is not None:
+                skipped.append((str(full), special))  # a FIFO would hang the run, a loop abort it
+            else:
+                files.append(full)
     return files, skipped
 
 
@@ -400,8 +421,12 @@ def ingest_conversations(db: sqlite_utils.Database, path: str | Path, *, max_mes
         return report
     files, report.skipped = collect_files(target, SUFFIXES)
     for file in files:
-        done = ingest_conversation_file(db, file, max_message_chars=max_message_chars, now=now,
-                                        strict=strict, raise_errors=False)
+        try:
+            done = ingest_conversation_file(db, file, max_message_chars=max_message_chars, now=now,
+                                            strict=strict, raise_errors=False)
+        except InputError as exc:  # e.g. swapped for a FIFO since the scan: skip it, go on
+            report.skipped.append((str(file), str(exc).removeprefix(f"{file}: ")))
+            continue
         report.files.append(done)
         if strict and done.rejected:
             report.skipped.append((done.source, f"--strict: {len(done.rejected)} bad record(s), "

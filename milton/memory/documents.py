@@ -12,6 +12,7 @@ time that file changes).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any
 
 import sqlite_utils
 
+from milton.core.errors import InputError
+from milton.core.inputs import open_regular, special_file_reason
 from milton.memory.conversations import collect_files
 from milton.memory.embed import Embedder
 from milton.memory.memories import (
@@ -111,14 +114,24 @@ def paragraphs(body: str) -> list[str]:
     return [b for b in blocks if b.strip()]
 
 
+_NON_SPACE = re.compile(r"\S")
+
+
 def _hard_split(text: str, limit: int) -> list[str]:
+    """Pieces of at most ``limit``, cut at the last space in their second half if any.
+
+    Walks an index instead of re-slicing the rest of the text after each piece: slicing made
+    one long sentence (a megabyte with no sentence end) cost O(n^2 / limit) in copying.
+    """
     parts = []
-    while len(text) > limit:
-        cut = text.rfind(" ", limit // 2, limit)
-        cut = cut if cut > 0 else limit
-        parts.append(text[:cut].rstrip())
-        text = text[cut:].lstrip()
-    return parts + ([text] if text else [])
+    start, end = 0, len(text)
+    while end - start > limit:
+        found = text.rfind(" ", start + limit // 2, start + limit)
+        cut = found - start if found > start else limit
+        parts.append(text[start:start + cut].rstrip())
+        rest = _NON_SPACE.search(text, start + cut)  # what str.lstrip() would skip (same \s)
+        start = rest.start() if rest else end
+    return parts + ([text[start:]] if start < end else [])
 
 
 def _pack(pieces: Iterable[str], limit: int, joiner: str) -> list[str]:
@@ -194,6 +207,8 @@ def _targets(paths: Iterable[str | Path], report: DocumentReport) -> list[Path]:
                 files.append(path)
             else:
                 report.skipped.append((str(path), f"not a {'/'.join(SUFFIXES)} file"))
+        elif os.path.lexists(path):
+            report.skipped.append((str(path), special_file_reason(path) or "not a regular file"))
         else:
             report.skipped.append((str(path), "no such file or directory"))
     return list(dict.fromkeys(f.resolve() for f in files))
@@ -201,7 +216,10 @@ def _targets(paths: Iterable[str | Path], report: DocumentReport) -> list[Path]:
 
 def _read(path: Path) -> tuple[bytes | None, str]:
     try:
-        return path.read_bytes(), ""
+        with open_regular(path) as handle:  # never blocks on a FIFO or reads a device
+            return handle.read(), ""
+    except InputError as exc:
+        return None, str(exc).removeprefix(f"{path}: ")
     except OSError as exc:
         return None, f"cannot read: {exc.strerror or exc}"
 

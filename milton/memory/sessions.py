@@ -61,6 +61,10 @@ def message_problem(role: Any, content: Any, max_chars: int) -> str | None:
         return "empty content"
     if len(content) > max_chars:
         return f"{len(content)} characters, longer than memory.max_message_chars ({max_chars})"
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: SQLite and hashing would fail on it later
+        return "a lone surrogate (e.g. \\ud800) is not valid Unicode"
     return None
 
 

@@ -77,15 +77,23 @@ def key_metric(job: str, metrics: dict[str, Any]) -> str | None:
     return None
 
 
-def _job_rows(conn: sqlite3.Connection, streak_window: int) -> dict[str, dict[str, Any]]:
+def _job_rows(conn: sqlite3.Connection, streak_window: int,
+              locks_dir: Path) -> dict[str, dict[str, Any]]:
+    from milton.core.jobs import owner_gone
+
     jobs: dict[str, dict[str, Any]] = {}
     from milton.core.jobs import job_names
 
     names = job_names(conn)
     for name in names:
         row = conn.execute(
-            "select id, started, finished, status, metrics, error from job_runs "
+            "select id, started, finished, status, metrics, error, host, pid from job_runs "
             "where job = ? order by id desc limit 1", [name]).fetchone()
+        if row[3] == "running" and owner_gone(locks_dir, name, row[6], row[7]):
+            # Killed (kill -9, OOM, power loss): the row stays 'running' until the job's
+            # next run closes it, which for a weekly job is a week of a false "running".
+            row = (*row[:3], "interrupted", row[4],
+                   f"interrupted: pid {row[7]} on {row[6]} died before finishing", *row[6:])
         try:
             metrics = json.loads(row[4]) if row[4] else {}
         except json.JSONDecodeError:
@@ -245,7 +253,8 @@ def gather_status(settings: Settings, *, now: datetime | None = None,
             if "_migrations" in tables:
                 store["schema_version"] = conn.execute("select count(*) from _migrations").fetchone()[0]
             if "job_runs" in tables:
-                jobs = _job_rows(conn, streak_window=max(settings.status.failure_streak, 10))
+                jobs = _job_rows(conn, streak_window=max(settings.status.failure_streak, 10),
+                                 locks_dir=settings.locks_dir)
             memory = _memory_counts(conn)
             if {"alerts", "snapshots"} <= tables:
                 from milton.ops.fleet_status import alert_summary, host_summary
@@ -281,6 +290,9 @@ def attention(report: dict[str, Any], settings: Settings) -> list[Attention]:
     cfg = settings.status
     items: list[Attention] = []
     for job in report["jobs"]:
+        if job.get("last_status") == "interrupted":
+            items.append(Attention("warning", f"{job['job']}: {job.get('error')}; the next run "
+                                   "starts over", "failure"))
         if job.get("failure_streak", 0) >= cfg.failure_streak:
             items.append(Attention(
                 "critical", f"{job['job']} failed its last {job['failure_streak']} runs: "

@@ -18,13 +18,13 @@ flock while in use: :func:`staging`), which listing and verification ignore and
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import gzip
 import hashlib
 import io
 import json
 import os
+import posixpath
 import re
 import shutil
 import sqlite3
@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from milton.core.config import BackupConfig
-from milton.core.errors import InputError, MiltonError
+from milton.core.errors import InputError, MiltonError, is_disk_full
 from milton.core.fsio import atomic_write_json
 from milton.core.timeutil import iso, utcnow
 
@@ -58,7 +58,6 @@ _NAME_RE = re.compile(
 )
 _LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _STAGING_RE = re.compile(r"^\.milton-[a-z]+-[0-9a-f]{32}\.partial$")
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 #: progress(phase, done, total): called as work advances (bytes; total None = unknown).
 Progress = Callable[[str, int, "int | None"], None]
@@ -134,16 +133,57 @@ def load_manifest(tar: tarfile.TarFile, first: tarfile.TarInfo | None, name: str
     assert handle is not None
     data = handle.read()
     try:
-        manifest = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArchiveError(f"{name}: {MANIFEST} is not valid JSON ({exc})") from None
+        manifest = json.loads(data, object_pairs_hook=_no_duplicate_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArchiveError(f"{name}: {MANIFEST} is not valid JSON ({why(exc)})") from None
+    except ValueError as exc:  # a duplicate key: two entries for one member
+        raise ArchiveError(f"{name}: {MANIFEST}: {exc}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) \
             or not isinstance(manifest.get("format"), int):
         raise ArchiveError(f"{name}: {MANIFEST} lacks 'format' or 'files'")
     if manifest["format"] > FORMAT:
         raise ArchiveError(f"{name}: archive format {manifest['format']} is newer than this "
                            f"Milton understands ({FORMAT}); upgrade Milton")
+    check_manifest_shape(manifest, name)
     return manifest
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def check_manifest_shape(manifest: dict[str, Any], name: str) -> None:
+    """Every field later code relies on has the type it expects; member names are canonical.
+
+    A hand-edited or crafted manifest is then one clear error here instead of a traceback in
+    whatever reads the field first (listing, verify, restore).
+    """
+    rows = manifest.get("rows", {})
+    if not isinstance(rows, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in rows.items()):
+        raise ArchiveError(f"{name}: {MANIFEST}: 'rows' is not an object of row counts")
+    for key in ("db", "created", "label", "milton_version"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise ArchiveError(f"{name}: {MANIFEST}: '{key}' is not a string")
+    schema = manifest.get("schema_version")
+    if schema is not None and (not isinstance(schema, int) or isinstance(schema, bool)):
+        raise ArchiveError(f"{name}: {MANIFEST}: 'schema_version' is not an integer")
+    if not isinstance(manifest.get("artifacts", {}) or {}, dict):
+        raise ArchiveError(f"{name}: {MANIFEST}: 'artifacts' is not an object")
+    for member, info in manifest["files"].items():
+        if not canonical_member(member):
+            raise ArchiveError(f"{name}: {MANIFEST}: member name {member!r} is not a plain "
+                               "relative path (aliases like './' or '..' are refused)")
+        size = info.get("size") if isinstance(info, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
+                or not isinstance(info.get("sha256"), str):
+            raise ArchiveError(f"{name}: {MANIFEST}: bad size or sha256 for {member}")
 
 
 def load_state(directory: Path) -> dict[str, Any]:
@@ -225,10 +265,7 @@ def clean_stale(parent: Path, min_age_s: float = 60.0) -> list[str]:
 
 # -- small helpers --------------------------------------------------------------------------
 def disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in _DISK_FULL_ERRNOS
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR_WRITE")
+    return is_disk_full(exc)
 
 
 def space_error(directory: Path, exc: BaseException, what: str) -> BackupError:
@@ -318,9 +355,15 @@ def write_archive(path: Path, manifest: dict[str, Any], entries: list[tuple[str,
 
 
 # -- verify ---------------------------------------------------------------------------------
-def _safe_member(name: str) -> bool:
+def canonical_member(name: str) -> bool:
+    """A relative path in its one normal spelling: no '.', '..', '//', trailing '/' or '\\'.
+
+    Two spellings of one file (``checkpoints/./anomaly/x`` and ``checkpoints/anomaly/x``)
+    would otherwise pass as two members and the second would overwrite the first on restore.
+    """
     pure = PurePosixPath(name)
-    return bool(name) and not pure.is_absolute() and ".." not in pure.parts and "\\" not in name
+    return bool(name) and not pure.is_absolute() and ".." not in pure.parts \
+        and "\\" not in name and "\x00" not in name and posixpath.normpath(name) == name
 
 
 def verify_archive(
@@ -371,7 +414,7 @@ def verify_archive(
                         raise fail(f"{name}: {MANIFEST} names no database file")
                     while (member := tar.next()) is not None:
                         current = member.name
-                        if not member.isfile() or not _safe_member(member.name):
+                        if not member.isfile() or not canonical_member(member.name):
                             problems.append(f"unexpected member {member.name!r}")
                             continue
                         if member.name not in files:
@@ -380,6 +423,12 @@ def verify_archive(
                         if member.name in seen:
                             problems.append(f"duplicate file {member.name}")
                             continue
+                        declared = files[member.name]["size"]
+                        if member.size != declared:
+                            # Fail before reading it: a crafted header could declare gigabytes.
+                            problems.append(f"{member.name} holds {member.size} bytes, the "
+                                            f"manifest says {declared}")
+                            raise fail(_problems(name, problems))
                         dest = extract(member.name, manifest) if extract else None
                         if dest is None and integrity and member.name == db_member:
                             if scratch_cm is None:
@@ -415,7 +464,11 @@ def verify_archive(
         result = None
         if integrity and db_copy is not None:
             report("integrity check", 0, None)
-            result, schema, _, _ = db_facts(db_copy)
+            try:
+                result, schema, _, _ = db_facts(db_copy)
+            except sqlite3.DatabaseError as exc:
+                raise fail(f"{name}: {manifest['db']}: not a readable SQLite database "
+                           f"({why(exc)})") from None
             if result != "ok":
                 raise fail(f"{name}: {manifest['db']}: integrity_check failed: {result[:300]}")
             if schema != manifest.get("schema_version"):
@@ -436,11 +489,16 @@ def verify_archive(
         "schema_version": manifest.get("schema_version"),
         "files": len(seen),
         "bytes": sum(f["size"] for f in seen.values()),
-        "rows_total": sum((manifest.get("rows") or {}).values()),
+        "rows_total": rows_total(manifest),
         "integrity_check": result,
         "seconds": round(time.monotonic() - t0, 3),
         "manifest": manifest,
     }
+
+
+def rows_total(manifest: dict[str, Any]) -> int:
+    rows = manifest.get("rows")
+    return sum(v for v in rows.values() if isinstance(v, int)) if isinstance(rows, dict) else 0
 
 
 def _problems(name: str, problems: list[str]) -> str:
@@ -474,7 +532,9 @@ def _hash_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path | Non
         if dest is not None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             out = open(dest, "wb")
-        while block := handle.read(CHUNK):
+        left = member.size  # checked against the manifest's size: never read past it
+        while left > 0 and (block := handle.read(min(CHUNK, left))):
+            left -= len(block)
             digest.update(block)
             size += len(block)
             if out is not None:

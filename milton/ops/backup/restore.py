@@ -1,9 +1,11 @@
 """Restore: put an archive's store, models and (optionally) config back, atomically.
 
-The archive is verified while it is extracted to temp files beside their targets; then the
-store is taken exclusively (:func:`milton.core.jobs.exclusive_store_access`), a
+The archive is verified while it is extracted to temp files beside their targets, and the
+whole plan (store, every model version, config) is checked before anything live changes; then
+the store is taken exclusively (:func:`milton.core.jobs.exclusive_store_access`), a
 ``pre-restore`` backup of the current state is made, and each piece is swapped in with
-rename(2), so a crash at any point leaves one valid store.
+rename(2), so a crash at any point leaves one valid store. A failure after the first swap
+undoes the swaps already made (:class:`Undo`) and says so.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from milton.ops.backup.archive import (
     Progress,
     clean_stale,
     known_schema,
+    rows_total,
     staging,
     verify_archive,
     why,
@@ -100,6 +103,8 @@ def restore_backup(
         report = verify_archive(archive, integrity=True, extract=sink, progress=progress,
                                 record=archive.parent == settings.backup.dir)
         manifest = report["manifest"]
+        # The whole plan is checked before anything live is touched: store, every model
+        # version the archive makes current, and the config.
         _check_artifact_plan(name, manifest)
         if not staged_db.is_file():
             raise ArchiveError(f"{name}: holds no database to restore")
@@ -107,6 +112,7 @@ def restore_backup(
         if int(manifest.get("schema_version") or 0) > known:
             raise BackupError(f"{name}: made by a newer Milton (schema {manifest['schema_version']} "
                               f"> {known}); upgrade Milton to restore it")
+        _check_staged_models(name, manifest, art_stage, root)
         if with_config:
             if not staged_config.is_file():
                 raise BackupError(f"{name}: holds no config file; restore without --with-config")
@@ -118,6 +124,11 @@ def restore_backup(
                 load_settings(staged_config, environ={})
             except ConfigError as exc:
                 raise BackupError(f"{name}: its config file is not valid here: {exc}") from None
+        try:
+            _prepare_restored_db(staged_db, name, manifest, started)
+        except (OSError, sqlite3.Error) as exc:
+            raise BackupError(f"{name}: cannot prepare its store for restoring: {why(exc)}; "
+                              "nothing was changed") from None
 
         summary = {"archive": name, "created": manifest.get("created"),
                    "label": manifest.get("label"), "schema_version": manifest.get("schema_version"),
@@ -139,28 +150,40 @@ def restore_backup(
                     raise BackupError(f"pre-restore backup failed, nothing was restored "
                                       f"(--no-pre-backup skips it): {exc}") from None
 
+            undo = Undo()
             step = "the store"
             try:
-                _prepare_restored_db(staged_db, name, manifest, started)
-                _swap_db(settings, staged_db)
+                _swap_db(settings, staged_db, undo, db_stage / "previous.db")
                 step = "the models"
-                artifacts = _restore_artifacts(settings, manifest, art_stage)
+                artifacts = _restore_artifacts(settings, manifest, art_stage, undo)
                 restored_config = None
                 if with_config:
                     step = "the config file"
-                    atomic_write_bytes(target_config, staged_config.read_bytes())
+                    _write_config(target_config, staged_config.read_bytes(), undo)
                     restored_config = str(target_config)
-            except (OSError, sqlite3.Error, ArtifactError) as exc:
-                where = f"; the state before it is in {pre_name}" if pre_name else ""
+            except BaseException as exc:
+                failures = undo.roll_back()
+                if failures:
+                    where = (f"`milton restore {pre_name} --no-pre-backup` puts back the state "
+                             "before it" if pre_name else "no pre-restore backup was taken")
+                    state = (f"rolling back failed too ({failures[0]}); the store and models "
+                             f"may be half-restored: {where}")
+                else:
+                    also = f" (also kept in {pre_name})" if pre_name else ""
+                    state = ("rolled back: the store, models and config are as they were "
+                             f"before the restore{also}")
+                if not isinstance(exc, Exception):
+                    raise
                 raise BackupError(f"restore from {name} failed while restoring {step}: "
-                                  f"{why(exc)}{where}") from None
+                                  f"{why(exc)}; {state}") from None
+            undo.commit()
 
     result = {
         "archive": name,
         "created": manifest.get("created"),
         "schema_version": manifest.get("schema_version"),
         "rows": manifest.get("rows", {}),
-        "rows_total": sum((manifest.get("rows") or {}).values()),
+        "rows_total": rows_total(manifest),
         "db": str(settings.db_path),
         "artifacts": artifacts,
         "models_not_in_archive": sorted(set(known_kinds(root)) - set(artifacts)),
@@ -220,8 +243,43 @@ def _prepare_restored_db(path: Path, archive: str, manifest: dict[str, Any],
     fsync_file(path)
 
 
-def _swap_db(settings: Settings, staged: Path) -> None:
-    """Replace the live store with ``staged`` so that no stale WAL can ever be replayed onto it."""
+class Undo:
+    """What the swaps did, in order, so a failure half-way puts everything back.
+
+    ``roll_back`` runs the undo steps newest first and returns the errors of those that
+    failed; ``commit`` runs the clean-ups (e.g. deleting the replaced model versions kept
+    aside) once everything is in place.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[], None]] = []
+        self.cleanups: list[Callable[[], None]] = []
+
+    def roll_back(self) -> list[str]:
+        failures = []
+        for step in reversed(self.steps):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - keep undoing the rest; report the first failure
+                failures.append(why(exc))
+        self.steps.clear()
+        return failures
+
+    def commit(self) -> None:
+        for cleanup in self.cleanups:
+            try:
+                cleanup()
+            except OSError:
+                pass
+        self.steps.clear()
+
+
+def _swap_db(settings: Settings, staged: Path, undo: Undo, aside: Path) -> None:
+    """Replace the live store with ``staged`` so that no stale WAL can ever be replayed onto it.
+
+    The old file stays reachable as a hard link at ``aside`` (same directory tree, so no
+    copy) until the restore is committed, so :class:`Undo` can put it back.
+    """
     live = settings.db_path
     if live.exists():
         try:
@@ -238,8 +296,67 @@ def _swap_db(settings: Settings, staged: Path) -> None:
     # it (memory/sessions CLI) could still recreate a WAL in this window.
     for suffix in ("-wal", "-shm", "-journal"):
         Path(f"{live}{suffix}").unlink(missing_ok=True)
+    had_live = live.exists()
+    if had_live:
+        try:
+            os.link(live, aside)
+        except OSError:  # a filesystem without hard links: keep a copy instead
+            shutil.copyfile(live, aside)
+
+    def put_back() -> None:
+        for suffix in ("-wal", "-shm", "-journal"):
+            Path(f"{live}{suffix}").unlink(missing_ok=True)
+        if had_live:
+            os.replace(aside, live)
+        else:
+            live.unlink(missing_ok=True)
+        fsync_dir(live.parent)
+
     os.replace(staged, live)
+    undo.steps.append(put_back)
     fsync_dir(live.parent)
+
+
+def _write_config(target: Path, data: bytes, undo: Undo) -> None:
+    try:
+        previous: bytes | None = target.read_bytes()
+    except FileNotFoundError:
+        previous = None
+
+    def put_back() -> None:
+        if previous is None:
+            target.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(target, previous)
+
+    atomic_write_bytes(target, data)
+    undo.steps.append(put_back)
+
+
+def _check_staged_models(name: str, manifest: dict[str, Any], stage: Path, root: Path) -> None:
+    """Every version the archive lists is in it (or already here, identical), and the ones it
+    makes current pass their own checksums: found now, not after the store was swapped."""
+    files = manifest["files"]
+    for kind, info in sorted((manifest.get("artifacts") or {}).items()):
+        current = info.get("current")
+        for version in info.get("versions", []):
+            prefix = f"checkpoints/{kind}/{version}/"
+            local = root / kind / version
+            if local.is_dir() and _same_version(local, files, prefix):
+                where = ArtifactStore(root, kind)
+            elif (stage / kind / version).is_dir():
+                where = ArtifactStore(stage, kind)
+            else:
+                raise ArchiveError(f"{name}: lists model {kind}/{version} but holds none of "
+                                   "its files; nothing was changed")
+            try:
+                if version == current:
+                    where.verify(version)
+                else:
+                    where.read_manifest(version)
+            except ArtifactError as exc:
+                raise ArchiveError(f"{name}: model {kind}/{version} cannot be restored: {exc}; "
+                                   "nothing was changed") from None
 
 
 def _same_version(local: Path, files: dict[str, Any], prefix: str) -> bool:
@@ -255,7 +372,8 @@ def _same_version(local: Path, files: dict[str, Any], prefix: str) -> bool:
     return True
 
 
-def _restore_artifacts(settings: Settings, manifest: dict[str, Any], stage: Path) -> dict[str, Any]:
+def _restore_artifacts(settings: Settings, manifest: dict[str, Any], stage: Path,
+                       undo: Undo) -> dict[str, Any]:
     root = settings.paths.checkpoints_dir
     files = manifest["files"]
     out: dict[str, Any] = {}
@@ -278,18 +396,38 @@ def _restore_artifacts(settings: Settings, manifest: dict[str, Any], stage: Path
                 aside = store.dir / f".tmp-del-{version}-{uuid.uuid4().hex}"
                 os.rename(local, aside)
             os.rename(staged, local)
-            fsync_dir(store.dir)
+            undo.steps.append(_unplace(store.dir, local, aside))
             if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
+                undo.cleanups.append(lambda aside=aside: shutil.rmtree(aside, ignore_errors=True))
+            fsync_dir(store.dir)
             placed.append(version)
         pinned = set(info.get("pinned", []))
         if pinned - store.pins():
-            atomic_write_json(store.dir / PINS, sorted(store.pins() | pinned))
+            pins_path = store.dir / PINS
+            previous_pins = pins_path.read_bytes() if pins_path.exists() else None
+            atomic_write_json(pins_path, sorted(store.pins() | pinned))
+            undo.steps.append(lambda p=pins_path, b=previous_pins:
+                              atomic_write_bytes(p, b) if b is not None else p.unlink(missing_ok=True))
         current = info.get("current")
-        if current and store.current_name() != current:
+        before = store.current_name()
+        if current and before != current:
             store.set_current(current, reason="restore")
+            undo.steps.append(lambda s=store, b=before:
+                              s.set_current(b, reason="restore rolled back", verify=False)
+                              if b else s.clear_current(reason="restore rolled back"))
         elif current:
             store.verify(current)
         out[kind] = {"current": current, "restored_versions": placed, "kept_versions": kept}
     return out
 
+
+def _unplace(directory: Path, local: Path, aside: Path | None) -> Callable[[], None]:
+    """Undo one version's rename: move the restored one out, the replaced one back."""
+    def run() -> None:
+        trash = directory / f".tmp-del-{local.name}-{uuid.uuid4().hex}"
+        os.rename(local, trash)
+        if aside is not None:
+            os.rename(aside, local)
+        fsync_dir(directory)
+        shutil.rmtree(trash, ignore_errors=True)
+    return run

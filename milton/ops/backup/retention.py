@@ -21,6 +21,7 @@ from milton.ops.backup.archive import (
     load_state,
     parse_name,
     read_manifest,
+    rows_total,
 )
 
 
@@ -33,7 +34,11 @@ class BackupInfo:
     label: str | None
     manifest: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
-    verified: str | None = None  # "ok", "failed" or None (not verified since last change)
+    #: "failed" when the last verification failed and the file is unchanged since (size and
+    #: mtime), else None: a cache of a past read never vouches for the bytes now.
+    verified: str | None = None
+    #: when the file was last re-read in full and matched (None: never, or changed since).
+    last_verified_ok: str | None = None
     error: str | None = None  # why the manifest could not be read
 
     def as_dict(self) -> dict[str, Any]:
@@ -42,8 +47,9 @@ class BackupInfo:
             "size_bytes": self.size_bytes, "label": self.label,
             "schema_version": self.manifest.get("schema_version"),
             "milton_version": self.manifest.get("milton_version"),
-            "rows_total": sum((self.manifest.get("rows") or {}).values()),
-            "verified": self.verified, "error": self.error,
+            "rows_total": rows_total(self.manifest),
+            "verified": self.verified, "last_verified_ok": self.last_verified_ok,
+            "error": self.error,
         }
 
 
@@ -78,7 +84,12 @@ def list_backups(settings: Settings) -> list[BackupInfo]:
         record = state.get(path.name)
         if isinstance(record, dict) and record.get("size") == st.st_size \
                 and record.get("mtime_ns") == st.st_mtime_ns:
-            info.verified = "ok" if record.get("ok") else "failed"
+            # Size and mtime can be kept while bytes change (bit rot, an in-place edit): the
+            # record only says when the data was last read, never that it is ok now.
+            if record.get("ok"):
+                info.last_verified_ok = str(record.get("at") or "") or None
+            else:
+                info.verified = "failed"
         infos.append(info)
     infos.sort(key=lambda i: (i.created, i.seq, i.name))
     return infos
