@@ -202,4 +202,6 @@ LOOKALIKES: list[str] = [
     "The 2FA code is sent by SMS; the PIN is 4 to 8 digits.",
     "Twilio Account SIDs start with AC, API keys with SK.",
     "Version 3.11.4 of Python; pi is 3.14159265358979323846.",
+    "git fetch http://user:pass@example.org/repo now scrubs the credentials from the log.",
+    "curl https://user:${PASSWORD}@example.org/ reads it from the environment.",
 ]

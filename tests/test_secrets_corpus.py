@@ -6,13 +6,16 @@ default ``exclude`` mode, none left verbatim in ``redact`` mode, no look-alike d
 from __future__ import annotations
 
 import json
+import string
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from secrets_corpus import LOOKALIKES, SECRETS
 
 from milton.core.config import load_settings
-from milton.core.secrets import SecretFilter
+from milton.core.secrets import SecretFilter, luhn_ok
 from milton.memory.conversations import ingest_conversations
 from milton.train.dataset import export_new_items
 
@@ -79,3 +82,50 @@ def test_export_keeps_the_corpus_secrets_out_of_training_items(memory_db, tmp_pa
     else:
         assert report.redacted == len(SECRETS) and report.excluded == 0
         assert sum(1 for (n,) in db.execute("select redacted from training_items") if n) == len(SECRETS)
+
+
+# -- generated: any surrounding text, any secret of a signed format -----------------------------
+_WORDS = st.text(alphabet=string.ascii_letters + string.digits + " .,;:!?()'\"\n-_/", max_size=80)
+
+
+def _rand(draw, n: int, alphabet: str = string.ascii_letters + string.digits) -> str:
+    return draw(st.text(alphabet=alphabet, min_size=n, max_size=n))
+
+
+@st.composite
+def _secret(draw) -> str:
+    alnum = string.ascii_letters + string.digits
+    kind = draw(st.sampled_from(["openai", "github", "aws", "stripe", "hf", "gitlab", "slack", "google",
+                                 "card", "ssn"]))
+    if kind == "openai":
+        return "sk-proj-" + _rand(draw, 40) + draw(st.sampled_from("0123456789"))
+    if kind == "github":
+        return "ghp_" + _rand(draw, 36)
+    if kind == "aws":
+        return "AKIA" + _rand(draw, 16, string.ascii_uppercase + string.digits)
+    if kind == "stripe":
+        return "sk_live_" + _rand(draw, draw(st.integers(24, 99)))
+    if kind == "hf":
+        return "hf_" + _rand(draw, 34)
+    if kind == "gitlab":
+        return "glpat-" + _rand(draw, 20, alnum + "_-")
+    if kind == "slack":
+        return "xoxb-" + _rand(draw, 12, string.digits) + "-" + _rand(draw, 24)
+    if kind == "google":
+        return "AIza" + _rand(draw, 35, alnum + "_-")
+    if kind == "card":
+        body = "4" + _rand(draw, 14, string.digits)
+        check = next(c for c in string.digits if luhn_ok(body + c))
+        return body + check
+    return (f"{draw(st.integers(100, 665))}-{draw(st.integers(10, 99))}-"
+            f"{draw(st.integers(1000, 9999))}")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(before=_WORDS, secret=_secret(), after=_WORDS)
+def test_a_signed_secret_is_redacted_whatever_surrounds_it(before, secret, after):
+    text = f"{before} {secret} {after}"
+    start = len(before) + 1
+    found = SecretFilter().find(text)
+    # one finding covers all of it: no head or tail of the secret is left behind
+    assert any(f.start <= start and f.end >= start + len(secret) for f in found), (text, secret, found)

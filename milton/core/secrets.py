@@ -182,6 +182,8 @@ def detect_secrets_plugins() -> tuple[_Rule, ...]:
         JwtTokenDetector: JwtTokenDetector.is_formally_valid,
         # its unanchored "AP" + 9 alphanumerics also matches upper-case words (APEXLEGENDS)
         ArtifactoryDetector: _mixed,
+        # user:pass@, user:${PASSWORD}@ in docs and examples: placeholders, as for url_password
+        BasicAuthDetector: lambda value: _credential_value(value, quoted=True),
     }
     out = []
     for cls in classes:
@@ -397,6 +399,21 @@ def card_issuer_ok(digits: str) -> bool:
     return False
 
 
+def _cards(m: re.Match[str]) -> Iterator[Finding]:
+    """Card numbers in a run of digit groups: the longest valid run of whole groups from each
+    start (the scan is greedy, so "4000 0000 0000 0002 7" holds a card and a stray digit)."""
+    groups = [(g.start() + m.start(), g.end() + m.start(), g.group()) for g in re.finditer(r"\d+", m.group())]
+    i = 0
+    while i < len(groups):
+        for j in range(len(groups), i, -1):
+            digits = "".join(g[2] for g in groups[i:j])
+            if 13 <= len(digits) <= 19 and card_issuer_ok(digits) and luhn_ok(digits):
+                yield Finding("card_number", groups[i][0], groups[j - 1][1])
+                i = j - 1
+                break
+        i += 1
+
+
 def random_base64_bits(length: int) -> float:
     """Expected entropy of ``length`` random base64 characters (Miller-Madow bias correction)."""
     return math.log2(64) - 63 / (2 * length * math.log(2))
@@ -520,9 +537,7 @@ class SecretFilter:
                         yield Finding(rule.kind, start, end)
         if scan.has_digits:
             for m in _CARD.finditer(text):
-                digits = re.sub(r"\D", "", m.group())
-                if card_issuer_ok(digits) and luhn_ok(digits):
-                    yield Finding("card_number", m.start(), m.end())
+                yield from _cards(m)
         for a, b in scan.spans(_ASSIGNMENT_GATE):
             for m in _ASSIGNMENT.finditer(text, a, b):
                 group = _value_group(m)
