@@ -52,6 +52,12 @@ training item or be injected verbatim. :class:`SecretFilter` runs four kinds of 
 Overlapping findings are merged into one span (the most specific kind names it), so a secret
 flagged by two detectors is replaced once and no part of either is left behind. Findings
 never carry the secret itself, only its kind and position.
+
+Speed: each rule runs only near a needle it must contain (``sk-``, ``password``, ``://``) or
+inside a whitespace-free run as long as its shortest match, found with ``str.find`` and
+``str.split``, not by the regex engine (see ``Gate``). On chat-sized messages that is about
+0.2 CPU seconds per MB, half of what detect-secrets' patterns alone cost run the plain way
+(``python -m benchmarks secrets``).
 """
 
 from __future__ import annotations
@@ -87,9 +93,10 @@ class Finding:
     end: int
 
 
-# -- detect-secrets' regex plugins ------------------------------------------------------------
-# Where a rule can match, so it runs only there (a day of chat text is mostly prose that no
-# detector can match; running ~60 patterns over all of it took 5 s/MB):
+# -- where each rule runs ----------------------------------------------------------------------
+# Each rule runs only where it can match: chat text is mostly prose that no detector can match,
+# and ~60 patterns over all of it took 5 s/MB (Python's re finds a literal prefix fast, but not
+# a pattern that opens with a look-behind or an alternation). A gate says where:
 #   ("token", n, back): inside a whitespace-free run of n+ characters (a key is one such run),
 #                       the window starting ``back`` characters before it (a key name, a quote);
 #   ("near", needles, before, after): around a (lower-case) needle the match must contain;
@@ -98,6 +105,7 @@ class Finding:
 Gate = tuple[Any, ...] | None  # ("token", int, int) | ("near" | "exact", tuple[str, ...], int, int | None)
 
 
+# -- detect-secrets' regex plugins ------------------------------------------------------------
 @dataclass(frozen=True)
 class _Rule:
     kind: str
