@@ -135,7 +135,7 @@ _PLUGIN_GATES: dict[str, list[Gate]] = {
     "JwtTokenDetector": [("exact", ("eyJ",), 0, 4000)],
     "MailchimpDetector": [("exact", ("-us",), 40, 4)],
     "NpmDetector": [("near", ("_authtoken",), 300, 400)],
-    "OpenAIDetector": [("token", 51, 1)],
+    "OpenAIDetector": [("exact", ("T3BlbkFJ",), 300, 30)],  # its [..]* prefix is quadratic on long runs
     "PrivateKeyDetector": [("near", ("private key", "putty-user-key"), 0, 40)],
     "PypiTokenDetector": [("token", 80, 1)],
     "SendGridDetector": [("token", 69, 1)],
@@ -193,11 +193,19 @@ def detect_secrets_plugins() -> tuple[_Rule, ...]:
         # user:pass@, user:${PASSWORD}@ in docs and examples: placeholders, as for url_password
         BasicAuthDetector: lambda value: _credential_value(value, quoted=True),
     }
+    # Patterns that open with an unbounded run and then need a literal ("eyJ...+\." , "sk-...*T3Blbk")
+    # rescan the rest of a long run from every start: quadratic. Starting them only where a run
+    # starts keeps the same matches in real text and makes the scan linear.
+    anchored = {JwtTokenDetector: r"(?<![A-Za-z0-9_=-])", OpenAIDetector: r"(?<![A-Za-z0-9_-])"}
     out = []
     for cls in classes:
         plugin = cls()
         kind = re.sub(r"[^a-z0-9]+", "_", str(plugin.secret_type).lower()).strip("_")
-        patterns = list(plugin.denylist)
+        patterns = [re.compile(anchored[cls] + p.pattern, p.flags) if cls in anchored else p
+                    for p in plugin.denylist]
+        if cls is NpmDetector:  # "//.+/:_authToken": the same, bounded to a plausible registry URL
+            patterns = [re.compile(p.pattern.replace(r"\/\/.+\/", r"\/\/.{1,300}\/", 1), p.flags)
+                        for p in patterns]
         gates = _PLUGIN_GATES.get(cls.__name__, [None])
         for i, pattern in enumerate(patterns):
             gate = gates[i] if len(gates) == len(patterns) else gates[0]
@@ -295,13 +303,13 @@ _CONTINUES = re.compile(r"[ \t]+(?:and|but|or|so|for|on|in|at|if|btw|please|than
 _CLI_SECRETS: list[tuple[str, Gate, re.Pattern[str]]] = [
     ("cli_password", ("near", ("mysql", "mariadb"), 0, 400), re.compile(  # mysql -pSECRET (a bare -p prompts for it)
         r"\b(?:mysql|mysqldump|mysqladmin|mysqlimport|mysqlshow|mysqlcheck|mariadb(?:-dump)?)\b"
-        r"[^\n|;&]*?[ \t]-p(?:(?P<dq>\"[^\"\n]+\")|'(?P<sq>[^'\n]+)'|(?P<bare>[^\s'\"]+))")),
+        r"[^\n|;&]{0,300}?[ \t]-p(?:(?P<dq>\"[^\"\n]+\")|'(?P<sq>[^'\n]+)'|(?P<bare>[^\s'\"]+))")),
     ("cli_password", ("near", ("sshpass",), 0, 400), re.compile(
-        r"\bsshpass\b[^\n|;&]*?[ \t]-p[ \t]*(?:\"(?P<dq>[^\"\n]+)\"|'(?P<sq>[^'\n]+)'|(?P<bare>[^\s'\"]+))")),
+        r"\bsshpass\b[^\n|;&]{0,300}?[ \t]-p[ \t]*(?:\"(?P<dq>[^\"\n]+)\"|'(?P<sq>[^'\n]+)'|(?P<bare>[^\s'\"]+))")),
     ("cli_password", ("near", ("--pass",), 0, 400), re.compile(
         r"(?<![\w-])--pass(?:word)?[ \t]+(?:\"(?P<dq>[^\"\n]+)\"|'(?P<sq>[^'\n]+)'|(?P<bare>[^\s'\"-][^\s'\"]*))")),
     ("basic_auth", ("near", ("curl", "wget", "http", "xh"), 0, 400), re.compile(  # curl -u user:SECRET, wget --user=..., httpie -a user:SECRET
-        r"\b(?:curl|wget|http|https|xh)\b[^\n|;&]*?[ \t](?:-u|--user|--auth|-a)(?:[ \t]+|=)?[\"']?"
+        r"\b(?:curl|wget|http|https|xh)\b[^\n|;&]{0,300}?[ \t](?:-u|--user|--auth|-a)(?:[ \t]+|=)?[\"']?"
         r"[^\s:'\"]+:(?:\"(?P<dq>[^\"\n]+)\"|(?P<sq>(?!))|(?P<bare>[^\s'\"]+))")),
     ("netrc_password", ("near", ("login",), 0, 400), re.compile(
         r"\blogin[ \t]+\S+\s+password[ \t]+(?:\"(?P<dq>[^\"\n]+)\"|(?P<sq>(?!))|(?P<bare>\S+))")),
