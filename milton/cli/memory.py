@@ -195,11 +195,13 @@ def context_cmd(
     now: Annotated[Optional[str], typer.Option("--now", help="Pretend it is this time.")] = None,
 ) -> None:
     """Print the memory block serve would inject into the system prompt for QUERY."""
+    from milton.core.secrets import secret_filter_for
     from milton.memory.context import build_context
 
     with open_cli_store() as db:
         block = build_context(db, _embedder(), query, State.settings().memory, parse_now(now),
-                              budget_tokens=budget, mark_used=False)
+                              budget_tokens=budget, mark_used=False,
+                              secrets=secret_filter_for(State.settings()))
     import sys
 
     sys.stdout.write((block or "(no relevant memories)") + "\n")  # verbatim: never re-wrapped

@@ -623,6 +623,12 @@ class MemoryConfig(_Section):
     context_budget_tokens: int = Field(
         default=2000, ge=0, description="Token budget of the memory block injected into prompts."
     )
+    secrets_in_context: str = Field(
+        default="redact", pattern="^(redact|omit)$",
+        description="A memory holding a secret (API key, password, token, card number; the "
+        "detectors of train-lora's filter plus train.sensitive_patterns) is never injected "
+        "verbatim: redact puts [REDACTED:<kind>] in the secret's place, omit leaves the memory out.",
+    )
     summarizer: str = Field(
         default="auto",
         pattern="^(auto|extractive|llm)$",

@@ -7,6 +7,7 @@ from datetime import datetime
 import sqlite_utils
 
 from milton.core.config import MemoryConfig
+from milton.core.secrets import SecretFilter
 from milton.memory.embed import Embedder
 from milton.memory.memories import touch
 from milton.memory.search import search
@@ -30,6 +31,14 @@ def humanize_age(seconds: float) -> str:
     return "just now"
 
 
+def guard_secrets(text: str, secrets: SecretFilter, mode: str) -> str | None:
+    """``text`` fit for a prompt: unchanged, with its secrets redacted, or None (``omit``)."""
+    redacted, found = secrets.redact(text)
+    if not found:
+        return text
+    return None if mode == "omit" else redacted
+
+
 def preference_lines(db: sqlite_utils.Database, min_evidence: int = 2, limit: int = 8) -> list[str]:
     rows = db.execute(
         "select key, value from preferences where evidence >= ? order by evidence desc, last_seen desc "
@@ -47,12 +56,17 @@ def build_context(
     budget_tokens: int | None = None,
     k: int = 20,
     mark_used: bool = True,
+    secrets: SecretFilter | None = None,
 ) -> str:
     """Lines like ``[2 days ago] ...`` that fit ``budget_tokens`` (header included); '' if none.
 
     Items are taken in ranking order; one that does not fit is skipped so a shorter, less
     useful one may still fit. Used memories get their recency refreshed (``mark_used``).
+    A memory (or preference) holding a secret found by ``secrets`` (default: the built-in
+    detectors) is redacted or left out per ``memory.secrets_in_context``: the block goes to
+    whatever model answers, and an unrelated question must not carry a pasted key along.
     """
+    secrets = SecretFilter() if secrets is None else secrets
     budget = config.context_budget_tokens if budget_tokens is None else budget_tokens
     if budget <= 0 or not query.strip():
         return ""
@@ -61,14 +75,18 @@ def build_context(
     spent = estimate_tokens(HEADER)
     for hit in search(db, embedder, query, config, now, k=k):
         age = humanize_age(now.timestamp() - hit.memory.created)
-        line = f"[{age}] " + " ".join(hit.memory.content.split())
+        content = guard_secrets(hit.memory.content, secrets, config.secrets_in_context)
+        if content is None:
+            continue
+        line = f"[{age}] " + " ".join(content.split())
         cost = estimate_tokens(line) + 1
         if spent + cost > budget:
             continue
         lines.append(line)
         used_ids.append(hit.memory.id)
         spent += cost
-    prefs = preference_lines(db)
+    prefs = [p for p in (guard_secrets(line, secrets, config.secrets_in_context)
+                         for line in preference_lines(db)) if p is not None]
     if prefs:
         line = "Known preferences: " + "; ".join(prefs)
         if spent + estimate_tokens(line) + 1 <= budget:

@@ -463,3 +463,34 @@ def write_dataset_files(dataset: Dataset, directory: Path) -> list[Path]:
         atomic_write_bytes(directory / name, data)
         paths.append(directory / name)
     return paths
+
+
+def preview_export(db: sqlite_utils.Database, settings: Settings
+                   ) -> tuple[ExportReport, list[tuple[str, str, str | None, str]]]:
+    """What :func:`export_new_items` would store if a run started now, without writing: its
+    report (counts only; ids stay empty) and the items the secret filter flagged, as (source,
+    kind, prompt, response). For ``train-lora --dry-run``."""
+    report = ExportReport()
+    filt = secret_filter(settings)
+    by_kind: Counter[str] = Counter()
+    flagged: list[tuple[str, str, str | None, str]] = []
+    screened: list[_Candidate] = []
+    for cand in _read_candidates(db, settings, report):
+        kept = _screen(cand, filt, settings.train.sensitive_mode, report, by_kind)
+        if kept is not cand:
+            flagged.append((cand.source, cand.kind, cand.prompt, cand.response))
+        if kept is not None:
+            screened.append(kept)
+    report.by_kind = dict(sorted(by_kind.items()))
+    unique = list({c.digest: c for c in reversed(screened)}.values())[::-1]
+    report.duplicates += len(screened) - len(unique)
+    existing = _existing(db, [c.digest for c in unique])
+    for item in unique:
+        found = existing.get(item.digest)
+        if found is not None and found[3] in FINISHED:  # learned by a finished run already
+            report.duplicates += 1
+        elif item.kind == "pair":
+            report.new_pairs += 1
+        else:
+            report.new_texts += 1
+    return report, flagged

@@ -22,6 +22,7 @@ import sqlite_utils
 
 from milton.core.config import Settings
 from milton.core.log import get_logger, log_event
+from milton.core.secrets import SecretFilter, secret_filter_for
 from milton.core.store import connect
 from milton.core.timeutil import utcnow
 from milton.memory.context import build_context, estimate_tokens
@@ -70,6 +71,7 @@ class ChatMemory:
         self._seen: dict[str, float] = {}  # session id -> monotonic time of its last exchange
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
+        self._secrets: SecretFilter | None = None  # made with the embedder, on a worker thread
 
     # -- lazily created resources (worker threads) -------------------------------------------
     def embedder(self) -> Embedder:
@@ -210,8 +212,10 @@ class ChatMemory:
         embedder = self.embedder()
         t0 = time.perf_counter()
         with self._reader_lock:
+            if self._secrets is None:
+                self._secrets = secret_filter_for(self.settings)
             block = build_context(self._reader_db(), embedder, _query(messages), self.settings.memory,
-                                  utcnow(), budget_tokens=budget)
+                                  utcnow(), budget_tokens=budget, secrets=self._secrets)
         job.memory_items = block.count("\n")  # lines after the header
         job.memory_s = time.perf_counter() - t0
         self.metrics.memory(job.memory_s, job.memory_items)
