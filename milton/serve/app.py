@@ -35,6 +35,7 @@ from milton.serve.anomaly import (
     mount_scoring,
 )
 from milton.serve.api.openai import mount_openai
+from milton.serve.guard import BodyLimitMiddleware, uvicorn_config
 from milton.serve.lifecycle import EngineLifecycle
 from milton.serve.metrics import Metrics
 
@@ -123,6 +124,8 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
 
     # -- the OpenAI-compatible API (/v1): router with its own lifespan, bearer auth ---------
     mount_openai(app, settings, engine, registry=metrics.registry, background=background)
+    # Outermost: every body is bounded while it streams in, before auth or any route reads it.
+    app.add_middleware(BodyLimitMiddleware, serve=settings.serve)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -173,8 +176,6 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
 
 
 def run_server(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
-    import uvicorn
-
     from milton.core.jobs import SERVE_LOCK, STORE_LOCK, job_lock
     from milton.serve.api.auth import check_bind
     from milton.serve.api.openai import GracefulServer
@@ -184,8 +185,4 @@ def run_server(settings: Settings, *, host: str | None = None, port: int | None 
     with job_lock(settings.locks_dir, STORE_LOCK, shared=True), \
             job_lock(settings.locks_dir, SERVE_LOCK):
         app = create_app(settings)
-        config = uvicorn.Config(app, host=host or settings.serve.host,
-                                port=settings.serve.port if port is None else port,
-                                log_config=None, access_log=False,
-                                timeout_graceful_shutdown=settings.serve.shutdown_grace_s)
-        GracefulServer(config, app.state.openai).run()
+        GracefulServer(uvicorn_config(app, settings, host=host, port=port), app.state.openai).run()
