@@ -204,8 +204,8 @@ class ServeConfig(_Section):
         "of opening (or of its previous response), else it is closed: idle and trickling clients "
         "cannot hold connections.",
     )
-    keep_alive_s: float = Field(
-        default=5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds."
+    keep_alive_s: int = Field(
+        default=5, ge=1, description="An idle keep-alive connection is closed after this many seconds."
     )
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="A request body that stops arriving for this long gets 408."

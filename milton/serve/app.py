@@ -15,8 +15,8 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from milton import __version__
@@ -34,6 +34,7 @@ from milton.serve.anomaly import (
     mount_push,
     mount_scoring,
 )
+from milton.serve.api.errors import error_body
 from milton.serve.api.openai import mount_openai
 from milton.serve.guard import BodyLimitMiddleware, uvicorn_config
 from milton.serve.lifecycle import EngineLifecycle
@@ -126,6 +127,14 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
     mount_openai(app, settings, engine, registry=metrics.registry, background=background)
     # Outermost: every body is bounded while it streams in, before auth or any route reads it.
     app.add_middleware(BodyLimitMiddleware, serve=settings.serve)
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug anywhere: JSON in the API's error shape rather than a plain-text 500 (the
+        traceback is still logged)."""
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"),
+                            status_code=500)
+
+    app.add_exception_handler(Exception, internal_error)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

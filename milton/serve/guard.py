@@ -215,6 +215,6 @@ def uvicorn_config(app: Any, settings: Settings, *, host: str | None = None,
     return uvicorn.Config(
         app, host=host or serve.host, port=serve.port if port is None else port,
         log_config=None, access_log=False, timeout_graceful_shutdown=serve.shutdown_grace_s,
-        http=guarded_protocol(serve), timeout_keep_alive=max(1, round(serve.keep_alive_s)),
+        http=guarded_protocol(serve), timeout_keep_alive=serve.keep_alive_s,
         limit_concurrency=max(serve.limit_concurrency, serve.max_connections + 1),
         h11_max_incomplete_event_size=serve.max_header_bytes)
