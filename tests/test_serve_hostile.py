@@ -82,6 +82,16 @@ def test_oversized_bodies_are_refused_while_streaming(tmp_path):
             r = httpx.post(srv.base + path, content=chunks(), timeout=60)
             assert r.status_code == 413, (path, r.text[:200])
             assert "serve.max_" in r.json()["error"]["message"]
+        # A client that sends its whole body anyway gets the 413, and its connection still serves.
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(f"POST /anomaly/score HTTP/1.1\r\nHost: t\r\n"
+                         f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            assert _status_of(sock) == 413
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while data := sock.recv(65536):
+                reply += data
+            assert b"HTTP/1.1 200 OK" in reply and b'"status":"ok"' in reply
         grown = _peak_rss(srv.proc.pid) - before
         assert grown < 150 << 20, f"serve's peak RSS grew by {grown >> 20} MB"
         # A body within its limit still works on the same server.

@@ -134,6 +134,7 @@ class ConnectionGuard:
     _idle_since: float | None = None  # set while waiting for a request's headers
     _header_bytes = 0
     _header_timer: asyncio.TimerHandle | None = None
+    _request_done = True  # the last request's body has all arrived (httptools tells; h11 bounds itself)
 
     # uvicorn sets ``self.cycle`` when a request's headers are complete (both parsers).
     @property
@@ -144,6 +145,7 @@ class ConnectionGuard:
     def cycle(self, value: Any) -> None:
         self._cycle = value
         if value is not None:
+            self._request_done = False
             self._headers_done()
 
     def _await_headers(self) -> None:
@@ -175,8 +177,13 @@ class ConnectionGuard:
         self._headers_done()
         super().connection_lost(exc)  # type: ignore[misc]
 
+    def on_message_complete(self) -> None:  # httptools only
+        super().on_message_complete()  # type: ignore[misc]
+        self._request_done = True
+
     def data_received(self, data: bytes) -> None:
-        if self._idle_since is not None:
+        # Not the rest of a body answered early (a 413 before it was read): uvicorn drops that.
+        if self._idle_since is not None and self._request_done:
             self._header_bytes += len(data)
         super().data_received(data)  # type: ignore[misc]
         if self._idle_since is not None and self._header_bytes > self.max_header_bytes \
