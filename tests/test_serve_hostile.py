@@ -163,7 +163,7 @@ BAD_JSON = {
 def test_malformed_json_is_a_400_in_openai_shape(milton_home):
     engine = EchoEngine()
     with live(milton_home, engine, serve__memory_budget_tokens="0") as srv:
-        for path in ("/v1/chat/completions", "/v1/embeddings", "/anomaly/score"):
+        for path in ("/v1/chat/completions", "/v1/embeddings", "/anomaly/score", "/ingest/processes"):
             for name, body in BAD_JSON.items():
                 r = httpx.post(srv.base + path, content=body, headers={"Content-Type": "application/json"})
                 assert r.status_code == 400, (path, name, r.status_code, r.text[:200])
@@ -180,7 +180,13 @@ def test_malformed_json_is_a_400_in_openai_shape(milton_home):
             ("invalid_request_error", "invalid_unicode", "messages[0].content")
         r = httpx.post(f"{srv.base}/v1/embeddings", content=json.dumps({"model": "x", "input": ["\udfff"]}))
         assert r.status_code == 400 and r.json()["error"]["param"] == "input[0]"
+        row = {"host": "h\ud800", "pid": 1, "name": "a", "ts": 1.7e9}
+        for path in ("/anomaly/score", "/ingest/processes"):
+            for extra in ({}, {"snapshot_id": "s1"}):
+                r = httpx.post(srv.base + path, content=json.dumps({"rows": [{**row, **extra}]}))
+                assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], (path, r.text)
         assert engine.calls == []
+        assert srv.db().conn.execute("select count(*) from processes").fetchone()[0] == 0
         # Deep but legal JSON still parses into the usual field errors.
         r = httpx.post(f"{srv.base}/v1/chat/completions", json={"model": MODEL, "messages": [[[[1]]]]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"

@@ -32,7 +32,7 @@ from milton.ingest.hub import TooLarge, parse_body, store_push
 from milton.ingest.processes import RowError, normalize_record, take_snapshot
 from milton.models.layout import ANOMALY_KIND, artifact_store
 from milton.serve.api.errors import ApiError
-from milton.serve.api.schema import json_body, parse_json
+from milton.serve.api.schema import SURROGATE, has_surrogate, json_body, parse_json
 from milton.serve.metrics import Metrics
 from milton.serve.watch import HotModel
 
@@ -174,7 +174,13 @@ def mount_push(app: FastAPI, settings: Settings, hot: HotModel[AnomalyModel]) ->
             chunks.append(chunk)
 
         def receive() -> Any:
-            rows = parse_body(b"".join(chunks), settings.serve.max_push_rows)
+            try:
+                rows = parse_body(b"".join(chunks), settings.serve.max_push_rows)
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") the parser tried to hash
+                raise InputError(f"body: {SURROGATE} (nothing ingested)") from None
+            for index, row in enumerate(rows):
+                if any(isinstance(value, str) and has_surrogate(value) for value in row):
+                    raise InputError(f"rows[{index}]: {SURROGATE} (nothing ingested)")
             db = open_store(settings.db_path, settings.store.busy_timeout_ms)
             try:
                 return store_push(db, rows)

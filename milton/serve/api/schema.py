@@ -20,6 +20,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
          "tool": "tool"}
 MAX_STOP = 4
 FINISH_REASONS = ("stop", "length")
+SURROGATE = "text holds a lone UTF-16 surrogate (not valid Unicode)"
 
 
 # -- request bodies in the OpenAPI schema (the handlers read raw JSON and validate it themselves;
@@ -89,7 +90,7 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     where = _surrogate_at(body)
     if where is not None:
-        raise ApiError(400, f"{where or 'body'}: text holds a lone UTF-16 surrogate (not valid Unicode)",
+        raise ApiError(400, f"{where or 'body'}: {SURROGATE}",
                        param=where or None, code="invalid_unicode")
     return body
 
@@ -101,12 +102,12 @@ def _surrogate_at(body: Any) -> str | None:
     while stack:
         where, value = stack.pop()
         if isinstance(value, str):
-            if not value.isascii() and _has_surrogate(value):
+            if not value.isascii() and has_surrogate(value):
                 return where
         elif isinstance(value, dict):
             for key, item in value.items():
                 path = f"{where}.{key}" if where else str(key)
-                if not key.isascii() and _has_surrogate(key):
+                if not key.isascii() and has_surrogate(key):
                     return where or "body"
                 stack.append((path, item))
         elif isinstance(value, list):
@@ -114,7 +115,8 @@ def _surrogate_at(body: Any) -> str | None:
     return None
 
 
-def _has_surrogate(text: str) -> bool:
+def has_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (JSON's ``"\\ud800"`` decodes to one)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
