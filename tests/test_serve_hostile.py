@@ -100,7 +100,7 @@ def test_oversized_bodies_are_refused_while_streaming(tmp_path):
 
 # -- defect 7: idle connections --------------------------------------------------------------
 def test_idle_connections_are_closed_and_cannot_starve_healthz(tmp_path):
-    env = {**CHILD_ENV, "MILTON_SERVE__HEADER_TIMEOUT_S": "2"}
+    env = {**CHILD_ENV, "MILTON_SERVE__HEADER_TIMEOUT_S": "2", "MILTON_SERVE__BODY_TIMEOUT_S": "2"}
     with live_server(tmp_path, env) as srv:
         port = int(srv.base.rsplit(":", 1)[1])
         child = psutil.Process(srv.proc.pid)
@@ -137,6 +137,11 @@ def test_idle_connections_are_closed_and_cannot_starve_healthz(tmp_path):
         finally:
             for sock in idle:
                 sock.close()
+        # A body that stops arriving: 408 after serve.body_timeout_s, and the connection closes.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b'POST /anomaly/score HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{"rows"')
+            assert _status_of(sock) == 408
+            assert _closed_by_server(sock, 15)
         # Headers larger than serve.max_header_bytes: 431, not a growing buffer.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
