@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import uvicorn
 
 from milton.core.config import load_settings
 from milton.core.store import open_store
 from milton.serve.api.openai import GracefulServer
 from milton.serve.app import create_app
 from milton.serve.engines.base import Chunk, EngineInfo, GenerationParams, Usage
+from milton.serve.guard import uvicorn_config
 from milton.serve.process import free_port
 
 MODEL = "echo-test"
@@ -53,7 +53,7 @@ class EchoEngine:
             index = len(self.calls)
             self.calls.append(([dict(m) for m in messages], params))
             prompt = sum(self.count_tokens(m["content"]) for m in messages)
-            last = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+            last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             match = re.fullmatch(r"count (\d+)", last.strip())
             words = [f"{i} " for i in range(int(match.group(1)))] if match else \
                 re.findall(r"\S+\s*", f"echo: {last}")
@@ -108,8 +108,7 @@ def live(home: Path, engine: EchoEngine | None, *, extensions: tuple = (), **env
     settings = load_settings(environ=environ).settings
     app = create_app(settings, engine=engine, extensions=extensions)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.serve.shutdown_grace_s)
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=port)
     server = GracefulServer(config, app.state.openai)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

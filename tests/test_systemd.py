@@ -161,6 +161,7 @@ def test_render_contents(home, exe):
     assert serve["Type"] == ["simple"]
     assert serve["Restart"] == ["on-failure"]
     assert serve["RestartSec"] == ["5"]
+    assert serve["LimitNOFILE"] == ["4096"]  # room for serve.max_connections (issue 19)
     assert serve["WantedBy"] == ["default.target"]
     system = systemd.render_units(_settings(), mode="system", exe=exe)
     assert _keys(system["milton-serve.service"])["WantedBy"] == ["multi-user.target"]

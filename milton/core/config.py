@@ -193,7 +193,38 @@ class ServeConfig(_Section):
         description="Most characters in one request's messages, or embedding inputs (413).",
     )
     max_body_bytes: int = Field(
-        default=4_000_000, ge=1024, description="Largest /v1 request body in bytes (413)."
+        default=4_000_000, ge=1024,
+        description="Largest request body in bytes for every endpoint without its own limit "
+        "(/v1, /ui, ...): counted while it streams in, 413 the moment it is passed.",
+    )
+    max_score_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest POST /anomaly/score body (bytes, 413)."
+    )
+    # -- hostile or broken clients (before auth: a non-loopback bind meets them too) ---------
+    header_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="A connection must send a request's complete headers within this many seconds "
+        "of opening (or of its previous response), else it is closed: idle and trickling clients "
+        "cannot hold connections.",
+    )
+    keep_alive_s: int = Field(
+        default=5, ge=1, description="An idle keep-alive connection is closed after this many seconds."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="A request body that stops arriving for this long gets 408."
+    )
+    max_header_bytes: int = Field(
+        default=65536, ge=4096, description="Largest request head (request line and headers); 431 above."
+    )
+    max_connections: int = Field(
+        default=512, ge=8,
+        description="Open connections at most (kept 64 below the open-file limit); past it the "
+        "longest-idle connection is closed to make room.",
+    )
+    limit_concurrency: int = Field(
+        default=1024, ge=1,
+        description="Requests in progress at once, counting those whose client has left; more get "
+        "503 at once (uvicorn's limit_concurrency; at least max_connections + 1).",
     )
     max_embedding_inputs: int = Field(
         default=512, ge=1, description="Most texts in one POST /v1/embeddings request (413)."

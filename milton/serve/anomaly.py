@@ -11,7 +11,6 @@ the newest version that verifies serves, and health says degraded (``HotModel.de
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -32,6 +31,8 @@ from milton.core.timeutil import iso, utcnow
 from milton.ingest.hub import TooLarge, parse_body, store_push
 from milton.ingest.processes import RowError, normalize_record, take_snapshot
 from milton.models.layout import ANOMALY_KIND, artifact_store
+from milton.serve.api.errors import ApiError
+from milton.serve.api.schema import SURROGATE, has_surrogate, json_body, parse_json
 from milton.serve.metrics import Metrics
 from milton.serve.watch import HotModel
 
@@ -96,6 +97,17 @@ class SnapshotLoop:
             self._thread.join(timeout=10)
 
 
+_ROW = {"type": "object", "required": ["host", "pid", "name", "ts"], "properties": {
+    "host": {"type": "string"}, "pid": {"type": "integer"}, "ppid": {"type": "integer"},
+    "name": {"type": "string"}, "exe": {"type": "string"}, "username": {"type": "string"},
+    "ts": {"type": "number"}, "cpu": {"type": "number"}, "rss": {"type": "integer"},
+    "create_time": {"type": "number"}, "snapshot_id": {"type": "string"}}}
+#: Process rows as /anomaly/score and /ingest/processes take them (for the OpenAPI schema).
+ROWS_SCHEMA = {"anyOf": [{"type": "object", "required": ["rows"],
+                          "properties": {"rows": {"type": "array", "items": _ROW}}},
+                         {"type": "array", "items": _ROW}]}
+
+
 def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status)
 
@@ -104,14 +116,14 @@ def mount_scoring(app: FastAPI, settings: Settings, hot: HotModel[AnomalyModel],
                   metrics: Metrics) -> None:
     """``POST /anomaly/score``: process rows in, scores and reasons out, on the current model."""
 
-    @app.post("/anomaly/score")
+    @app.post("/anomaly/score", openapi_extra=json_body(ROWS_SCHEMA))
     async def score(request: Request) -> Any:
         t0 = time.perf_counter()
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = parse_json(await request.body())
+        except ApiError as exc:
             metrics.requests.labels("bad_request").inc()
-            return _error(400, f"body is not valid JSON: {exc}", "invalid_request_error")
+            return _error(400, exc.message, "invalid_request_error")
         records = body.get("rows") if isinstance(body, dict) else body
         if not isinstance(records, list):
             metrics.requests.labels("bad_request").inc()
@@ -148,7 +160,7 @@ def mount_push(app: FastAPI, settings: Settings, hot: HotModel[AnomalyModel]) ->
     """``POST /ingest/processes``: a fleet agent's snapshots (see :mod:`milton.ingest.agent`),
     stored idempotently by :mod:`milton.ingest.hub`, then scored into per-host alerts."""
 
-    @app.post("/ingest/processes")
+    @app.post("/ingest/processes", openapi_extra=json_body(ROWS_SCHEMA))
     async def ingest_push(request: Request) -> Any:
         limit = settings.serve.max_push_bytes
         if int(request.headers.get("content-length") or 0) > limit:
@@ -162,7 +174,13 @@ def mount_push(app: FastAPI, settings: Settings, hot: HotModel[AnomalyModel]) ->
             chunks.append(chunk)
 
         def receive() -> Any:
-            rows = parse_body(b"".join(chunks), settings.serve.max_push_rows)
+            try:
+                rows = parse_body(b"".join(chunks), settings.serve.max_push_rows)
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") the parser tried to hash
+                raise InputError(f"body: {SURROGATE} (nothing ingested)") from None
+            for index, row in enumerate(rows):
+                if any(isinstance(value, str) and has_surrogate(value) for value in row):
+                    raise InputError(f"rows[{index}]: {SURROGATE} (nothing ingested)")
             db = open_store(settings.db_path, settings.store.busy_timeout_ms)
             try:
                 return store_push(db, rows)

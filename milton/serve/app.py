@@ -17,8 +17,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from milton import __version__
@@ -36,7 +36,9 @@ from milton.serve.anomaly import (
     mount_push,
     mount_scoring,
 )
+from milton.serve.api.errors import error_body
 from milton.serve.api.openai import mount_openai
+from milton.serve.guard import BodyLimitMiddleware, uvicorn_config
 from milton.serve.lifecycle import EngineLifecycle
 from milton.serve.metrics import Metrics
 
@@ -139,6 +141,16 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
                  own_auth=tuple(e.prefix for e in extensions))
     for extension in extensions:
         extension.attach(app, settings)
+    # Outermost: every body is bounded while it streams in, before auth or any route reads it.
+    app.add_middleware(BodyLimitMiddleware, serve=settings.serve)
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug anywhere: JSON in the API's error shape rather than a plain-text 500 (the
+        traceback is still logged)."""
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"),
+                            status_code=500)
+
+    app.add_exception_handler(Exception, internal_error)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -190,8 +202,6 @@ def create_app(settings: Settings, *, background: bool = True, engine: Any = Non
 
 def run_server(settings: Settings, *, host: str | None = None, port: int | None = None,
                extensions: Sequence[Extension] = ()) -> None:
-    import uvicorn
-
     from milton.core.jobs import SERVE_LOCK, STORE_LOCK, job_lock
     from milton.serve.api.auth import check_bind
     from milton.serve.api.openai import GracefulServer
@@ -201,8 +211,4 @@ def run_server(settings: Settings, *, host: str | None = None, port: int | None 
     with job_lock(settings.locks_dir, STORE_LOCK, shared=True), \
             job_lock(settings.locks_dir, SERVE_LOCK):
         app = create_app(settings, extensions=extensions)
-        config = uvicorn.Config(app, host=host or settings.serve.host,
-                                port=settings.serve.port if port is None else port,
-                                log_config=None, access_log=False,
-                                timeout_graceful_shutdown=settings.serve.shutdown_grace_s)
-        GracefulServer(config, app.state.openai).run()
+        GracefulServer(uvicorn_config(app, settings, host=host, port=port), app.state.openai).run()

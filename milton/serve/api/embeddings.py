@@ -37,7 +37,7 @@ class Embeddings:
         """``POST /v1/embeddings``."""
         t0 = time.perf_counter()
         try:
-            req = parse_embeddings(await read_json(request, self.settings.serve.max_body_bytes), self.settings.serve)
+            req = parse_embeddings(await read_json(request), self.settings.serve)
             try:
                 name, _path = resolve_model(self.settings.memory.embedding_model)
                 embedder = await asyncio.to_thread(self.memory.embedder)

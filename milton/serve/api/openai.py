@@ -48,8 +48,11 @@ from milton.serve.api.job import ChatJob
 from milton.serve.api.metrics import ApiMetrics
 from milton.serve.api.queue import QueueFull, RequestQueue
 from milton.serve.api.schema import (
+    CHAT_SCHEMA,
+    EMBEDDINGS_SCHEMA,
     chunk_body,
     completion_body,
+    json_body,
     parse_chat,
     read_json,
     sse,
@@ -246,7 +249,7 @@ class OpenAIService:
 
     async def _chat(self, request: Request, t0: float) -> Response:
         serve = self.serve
-        req = parse_chat(await read_json(request, serve.max_body_bytes), serve)
+        req = parse_chat(await read_json(request), serve)
         if req.model not in self._model_ids():
             raise ApiError(404, f"The model {req.model!r} does not exist; this server serves "
                            f"{self.model_id()!r} (GET /v1/models)", param="model", code="model_not_found")
@@ -577,8 +580,10 @@ class OpenAIService:
 
     def _build_router(self) -> APIRouter:
         router = APIRouter(prefix="/v1", lifespan=self.lifespan)
-        router.add_api_route("/chat/completions", self.chat, methods=["POST"], include_in_schema=True)
-        router.add_api_route("/embeddings", self.embeddings.create, methods=["POST"])
+        router.add_api_route("/chat/completions", self.chat, methods=["POST"],
+                             openapi_extra=json_body(CHAT_SCHEMA))
+        router.add_api_route("/embeddings", self.embeddings.create, methods=["POST"],
+                             openapi_extra=json_body(EMBEDDINGS_SCHEMA))
 
         @router.get("/models")
         def list_models() -> dict[str, Any]:

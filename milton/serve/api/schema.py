@@ -1,4 +1,4 @@
-"""OpenAI wire format: request bodies read within their size limit (:func:`read_json`), chat and
+"""OpenAI wire format: request bodies parsed into JSON or a 400 (:func:`read_json`), chat and
 embedding requests validated into plain objects (every problem a 400 naming the field, or a 413
 for a limit), and the response and stream-chunk bodies."""
 
@@ -15,52 +15,113 @@ from milton.core.config import ServeConfig
 from milton.serve.api.errors import ApiError
 from milton.serve.engines.base import GenerationParams, Usage
 
-DRAIN_LIMIT = 64 << 20  # read (and drop) at most this much of an oversized body before answering
-
 #: Roles a request may use -> the role stored and sent to the engine.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool"}
 MAX_STOP = 4
 FINISH_REASONS = ("stop", "length")
+SURROGATE = "text holds a lone UTF-16 surrogate (not valid Unicode)"
+
+
+# -- request bodies in the OpenAPI schema (the handlers read raw JSON and validate it themselves;
+# these tell clients, and the schema-driven tests, what a body looks like) ----------------------
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose JSON body ``schema`` the handler checks itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+CHAT_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                           "content": {"type": "string"}}}},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "stream": {"type": "boolean"},
+        "stop": {"anyOf": [{"type": "string"},
+                           {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP}]},
+        "seed": {"type": "integer"},
+        "user": {"type": "string"},
+        "milton": {"type": "object", "properties": {"memory": {"type": "boolean"},
+                                                    "session": {"type": "string", "minLength": 1}}},
+    },
+}
+EMBEDDINGS_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string"},
+        "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]},
+        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+        "dimensions": {"type": "integer"},
+    },
+}
 
 
 # -- bodies ------------------------------------------------------------------------------------
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request's JSON body; 413 above ``max_bytes``, 400 when it is not JSON."""
-    declared = request.headers.get("content-length", "")
-    too_big = declared.isdigit() and int(declared) > max_bytes
-    chunks: list[bytes] = []
-    size = 0
-    if not too_big:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                too_big = True
-                break
-            chunks.append(chunk)
-    if too_big:
-        # Read the rest (up to a bound) so the client gets the 413 rather than a reset connection.
-        drained = size
-        try:
-            async for chunk in request.stream():
-                drained += len(chunk)
-                if drained > DRAIN_LIMIT:
-                    break
-        except Exception:  # noqa: BLE001 - already consumed or the client went away
-            pass
-        raise ApiError(413, f"request body is larger than serve.max_body_bytes ({max_bytes} bytes)",
-                       param=None, code="request_too_large")
-    raw = b"".join(chunks)
+async def read_json(request: Request) -> Any:
+    """The request's JSON body (its size is bounded by :mod:`milton.serve.guard` while it
+    streams in): see :func:`parse_json`."""
+    return parse_json(await request.body())
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON request body, or a 400 ``invalid_request_error`` for anything that is not
+    plain JSON text: empty, not UTF-8, malformed, nested too deep, an integer too long for
+    Python to read, or a string holding a lone surrogate (``"\\ud800"``), which no model,
+    tokenizer or store can take."""
     if not raw.strip():
         raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"request body is not UTF-8: {exc.reason} at byte {exc.start}",
                        code="invalid_json") from None
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, "
                        f"column {exc.colno})", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply",
+                       code="invalid_json") from None
+    except ValueError as exc:  # e.g. an integer past sys.get_int_max_str_digits()
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    where = _surrogate_at(body)
+    if where is not None:
+        raise ApiError(400, f"{where or 'body'}: {SURROGATE}",
+                       param=where or None, code="invalid_unicode")
+    return body
+
+
+def _surrogate_at(body: Any) -> str | None:
+    """The path (``messages[0].content``) of the first string, key or value, holding a lone
+    surrogate; None when there is none. Iterative: the body may be deeply nested."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and has_surrogate(value):
+                return where
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if not key.isascii() and has_surrogate(key):
+                    return where or "body"
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (JSON's ``"\\ud800"`` decodes to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # -- requests ----------------------------------------------------------------------------------
