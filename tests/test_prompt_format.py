@@ -33,24 +33,24 @@ def test_serve_format_uses_the_template_when_there_is_one_else_few_shot(chat_for
 def test_few_shot_prompt_is_the_frame_then_the_plain_turns():
     text = few_shot_prompt(ASK)
     assert text.startswith(FEW_SHOT_INTRO + "\n\n")
-    assert text.endswith(plain_prompt(ASK))  # training's plain turns, unchanged, at the end
+    assert text.endswith("\n\n" + plain_prompt(ASK))  # training's plain turns, unchanged, at the end
     for question, answer in FEW_SHOT_EXAMPLES:
         assert f"User: {question}\nAssistant: {answer}\n" in text
     # No example answers a benchmark question or shows a number (copied into arithmetic).
     assert not any(ch.isdigit() for q, a in FEW_SHOT_EXAMPLES for ch in q + a)
 
 
-def test_system_text_and_injected_memories_sit_between_the_intro_and_the_examples():
+def test_system_text_and_injected_memories_sit_after_the_examples_before_the_conversation():
     memory = "Relevant memories (most useful first):\n[2 days ago] My cat is named Quillon."
     messages = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": memory},
                 {"role": "user", "content": "What is my cat's name?"},
                 {"role": "assistant", "content": "Quillon."},
                 {"role": "user", "content": "And my dog's?"}]
     text = few_shot_prompt(messages)
-    intro, rest = text.split("\n\n", 1)
-    assert intro == FEW_SHOT_INTRO
-    assert rest.startswith(f"Be brief.\n\n{memory}\n\nUser: {FEW_SHOT_EXAMPLES[0][0]}\n")
-    assert rest.endswith("User: What is my cat's name?\nAssistant: Quillon.\n"
+    assert text.startswith(f"{FEW_SHOT_INTRO}\n\nUser: {FEW_SHOT_EXAMPLES[0][0]}\n")
+    last_example = f"Assistant: {FEW_SHOT_EXAMPLES[-1][1]}\n"
+    assert text.endswith(f"{last_example}\nBe brief.\n\n{memory}\n\n"
+                         "User: What is my cat's name?\nAssistant: Quillon.\n"
                          "User: And my dog's?\nAssistant:")
     assert text.count(memory) == 1
 

@@ -21,7 +21,6 @@ from tiny_lm import build_tiny_gguf
 
 from milton.core.artifacts import ArtifactStore, sha256_file
 from milton.core.errors import ConfigError
-from milton.models.prompt import loop_start
 from milton.serve.engines.base import AdapterError, GenerationParams, PromptError
 from milton.serve.engines.llama import LlamaEngine
 from milton.serve.engines.select import resolve_serve_base
@@ -204,42 +203,6 @@ def test_plain_prompts_for_models_without_a_template(tiny):
     finally:
         other.close()
 
-
-def test_few_shot_frame_answers_and_stops_at_the_next_turn(tiny):
-    # The frame (an assistant intro and example turns) goes before the same User:/Assistant:
-    # turns, so what the base knows in that format it still answers, and the answer ends at
-    # the next "User:" turn it would write itself.
-    from milton.models.prompt import FEW_SHOT_INTRO, few_shot_prompt
-
-    framed = LlamaEngine(tiny.gguf, n_ctx=256, n_threads=1, chat_format="few-shot")
-    try:
-        bees = [{"role": "user", "content": "What do bees make?"}]
-        ids, mode = framed.render_prompt(bees)
-        assert mode == "few-shot" and few_shot_prompt(bees).startswith(FEW_SHOT_INTRO)
-        text, chunks = answer(framed, bees, GenerationParams(max_tokens=60, temperature=0.0))
-        assert text == "Bees make honey."
-        assert chunks[-1].finish_reason == "stop" and chunks[-1].usage.prompt_tokens == len(ids)
-    finally:
-        framed.close()
-
-
-def test_loop_guard_ends_a_looping_few_shot_answer(tiny):
-    # The other tiny base is untrained: greedy, it loops until the token limit. Few-shot
-    # answers are cut where the loop starts; plain ones (no guard) run to the limit.
-    budget = GenerationParams(max_tokens=120, temperature=0.0)
-    texts = {}
-    for fmt in ("plain", "few-shot"):
-        eng = LlamaEngine(tiny.other_gguf, n_ctx=512, n_threads=1, chat_format=fmt)
-        try:
-            text, chunks = answer(eng, ASK, budget)
-            texts[fmt] = (text, chunks[-1].finish_reason, chunks[-1].usage.completion_tokens)
-        finally:
-            eng.close()
-    plain_text, plain_finish, plain_tokens = texts["plain"]
-    text, finish, tokens = texts["few-shot"]
-    assert plain_finish == "length" and loop_start(plain_text) is not None, plain_text
-    assert finish == "stop" and tokens < budget.max_tokens, text
-    assert loop_start(text) is None
 
 
 def test_cancel_stops_generation_and_queued_requests(tiny, engine):

@@ -59,14 +59,12 @@ def plain_prompt(messages: list[dict[str, str]]) -> str:
 
 
 def few_shot_prompt(messages: list[dict[str, str]]) -> str:
-    """``model.chat_format`` few-shot: :data:`FEW_SHOT_INTRO`, then the system text (the
-    caller's, and the memories serve injects) right before the example turns, then the
-    conversation as :func:`plain_prompt` renders it."""
-    system = [m.get("content") or "" for m in messages if m.get("role") == "system"]
-    head = FEW_SHOT_INTRO + "\n\n" + "".join(s.strip() + "\n\n" for s in system if s.strip())
+    """``model.chat_format`` few-shot: :data:`FEW_SHOT_INTRO`, the example turns, then the
+    conversation as :func:`plain_prompt` renders it, system text (the caller's, and the
+    memories serve injects) included: right before the real turns, where a small model still
+    uses it (placed before the examples, Gemma 270M ignored an injected memory)."""
     examples = "".join(f"{PLAIN_USER}{q}\n{PLAIN_ASSISTANT} {a}\n" for q, a in FEW_SHOT_EXAMPLES)
-    turns = plain_prompt([m for m in messages if m.get("role") != "system"])
-    return head + examples + turns
+    return f"{FEW_SHOT_INTRO}\n\n{examples}\n{plain_prompt(messages)}"
 
 
 def turn_prompt(messages: list[dict[str, str]], mode: str) -> str:
