@@ -94,7 +94,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture
 def engine(tiny):
-    eng = LlamaEngine(tiny.gguf, sha256=tiny.sha, n_ctx=256, n_threads=1, seed=0)
+    eng = LlamaEngine(tiny.gguf, sha256=tiny.sha, n_ctx=512, n_threads=1, seed=0)
     yield eng
     eng.close()
 
@@ -193,7 +193,7 @@ def test_plain_prompts_for_models_without_a_template(tiny):
     finally:
         plain.close()
     # A GGUF without tokenizer.chat_template gets the few-shot frame in auto.
-    other = LlamaEngine(tiny.other_gguf, n_ctx=256, n_threads=1)
+    other = LlamaEngine(tiny.other_gguf, n_ctx=512, n_threads=1)  # room for the few-shot frame
     try:
         ids, mode = other.render_prompt(ASK)
         assert mode == "few-shot" and other.info().extra["chat_format"] == "few-shot"
@@ -503,7 +503,7 @@ def test_base_watcher_follows_the_evolved_base(tiny, milton_home, monkeypatch):
     settings = load_settings().settings
     adapters_store = adapter_store(milton_home)
     bases = ArtifactStore(milton_home / "checkpoints", "base")
-    engine = LlamaEngine.from_settings(settings, n_ctx=256, n_threads=1, seed=0)
+    engine = LlamaEngine.from_settings(settings, n_ctx=512, n_threads=1, seed=0)
     try:
         adapters = AdapterWatcher(engine, adapters_store)
         first = publish(adapters_store, tiny.adapters["a"], tiny.sha)
