@@ -100,3 +100,11 @@ def test_stop_scanner_loop_guard_cuts_the_loop_and_stops():
     plain = StopScanner([PLAIN_STOP])
     out = "".join(plain.push(p) for p in ["x", "000."] * 20) + plain.finish()
     assert not plain.stopped and out == "x000." * 20
+
+
+def test_stop_scanner_loop_guard_cuts_a_loop_that_arrives_in_one_piece():
+    # A loop of what could be a stop string's start ("\nUs") is cut too, keeping one copy.
+    scanner = StopScanner(["\nUser:"], loop_guard=True)
+    streamed = scanner.push("Yes" + "\nUs" * 12)
+    streamed += scanner.finish()
+    assert scanner.looped and loop_start(streamed) is None and streamed.startswith("Yes\nUs")

@@ -27,8 +27,8 @@ from collections.abc import Iterable
 PLAIN_USER = "User: "
 PLAIN_ASSISTANT = "Assistant:"
 PLAIN_STOP = "\nUser:"
-TURN_FORMATS = ("plain", "few-shot")
-LOOP_WINDOW = 512  # characters of streamed text the loop guard looks back over  # the formats with User:/Assistant: turns
+TURN_FORMATS = ("plain", "few-shot")  # the formats with User:/Assistant: turns
+LOOP_WINDOW = 512  # characters of streamed text the loop guard looks back over
 
 # The frame of few-shot prompts. The examples hold no numbers and no question of the benchmark
 # (a number in an example is copied into arithmetic answers: measured, see bench_chat.py).
@@ -153,14 +153,15 @@ class StopScanner:
             self.pending += tail
         if not self.started:
             self.pending = self.pending.lstrip(" ")
-        self._cut()
+        if not self._cut() and not self.looped:
+            self._loop()
         out, self.pending = self.pending, ""
         return out
 
     def _loop(self) -> bool:
         """With the loop guard: cut ``pending`` where the answer started looping (what was
         streamed already stays)."""
-        if not self.loop_guard:
+        if not self.loop_guard or self.looped:
             return False
         text = self.seen + self.pending
         start = loop_start(text)
