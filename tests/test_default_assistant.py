@@ -5,12 +5,12 @@ memory injection still putting what the user taught into the answer."""
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import openai
 import pytest
+from live_server import wait_until
 from tiny_lm import build_tiny_gguf
 
 from milton.models.prompt import PLAIN_STOP, few_shot_prompt, loop_start
@@ -67,19 +67,17 @@ QUESTIONS = [("What is the capital of France?", "Paris"),
              ("What color is the sky on a clear day?", "blue")]  # plain: "I'm not sure."
 
 
-def _ready(client: openai.OpenAI, timeout: float = 240.0) -> str:
+def _ready(client: openai.OpenAI) -> str:
     """The served model id, once chat answers (it says 503 while the model loads)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def answers() -> str | None:
         try:
             model = client.models.list().data[0].id
             client.chat.completions.create(model=model, max_tokens=1,
                                            messages=[{"role": "user", "content": "Hi"}])
             return model
         except openai.InternalServerError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
+            return None
+    return wait_until(answers, timeout=240, step=0.3)
 
 
 def test_packaged_gemma_answers_simple_questions_through_serve(milton_home, embedder):
