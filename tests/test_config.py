@@ -193,3 +193,85 @@ def test_bad_env_value_beats_good_toml_value_and_is_blamed(cli, milton_home):
     assert rc == 2
     line = assert_clean_error(err, "MILTON_SERVE__PORT", "serve.port")
     assert "config.toml" not in line
+
+
+# -- config set --------------------------------------------------------------------------
+def _gguf(path: Path) -> Path:
+    """A file that passes model.base's check (the GGUF magic; serve would load it later)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    return path
+
+
+def test_config_set_changes_one_value_keeps_comments_and_config_show_reports_it(cli, milton_home):
+    from milton.cli.docs import render_default_config
+
+    cfg = write(milton_home / "config.toml", render_default_config())
+    cfg.chmod(0o600)
+    before = cfg.read_text()
+    model = _gguf(milton_home / "models" / "some-instruct.gguf")
+    rc, out, err = cli("config", "set", "model.base", str(model))
+    assert rc == 0, err
+    assert "model.base" in out and str(cfg) in out
+    rc, out, err = cli("config", "set", "anomaly.window_days", "14")
+    assert rc == 0, err
+    after = cfg.read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert changed == [("window_days = 30.0", "window_days = 14"),
+                       ('base = ""', f'base = "{model}"')]
+    assert len(after.splitlines()) == len(before.splitlines())  # every comment and blank line kept
+    assert cfg.stat().st_mode & 0o777 == 0o600                   # a token-holding file stays private
+    rc, out, err = cli("config", "show", "--json")
+    shown = json.loads(out)["settings"]
+    assert shown["model.base"]["value"] == str(model)
+    assert shown["model.base"]["source"].startswith(f"{cfg}:")
+    assert shown["anomaly.window_days"]["value"] == 14.0
+
+
+def test_config_set_creates_the_file_in_milton_home_and_parses_lists_and_booleans(cli, milton_home):
+    rc, out, err = cli("config", "set", "train.target_modules", '["q_proj", "up_proj"]')
+    assert rc == 0, err
+    rc, out, err = cli("config", "set", "train.include_documents", "false")
+    assert rc == 0, err
+    settings = load_settings(milton_home / "config.toml").settings
+    assert settings.train.target_modules == ["q_proj", "up_proj"]
+    assert settings.train.include_documents is False
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("model.bsae", "x"), ("model.bsae", "unknown setting")),
+    (("model.base", "/nowhere/some-instruct.gguf"), ("model.base", "does not exist")),
+])
+def test_config_set_rejects_bad_keys_and_values_in_one_line_and_leaves_the_file(cli, milton_home,
+                                                                                args, needles):
+    cfg = write(milton_home / "config.toml", "# my settings\n[anomaly]\nwindow_days = 7  # a week\n")
+    before = cfg.read_bytes()
+    rc, out, err = cli("config", "set", *args)
+    assert rc == 2
+    assert_clean_error(err, *needles)
+    assert cfg.read_bytes() == before
+    assert [p.name for p in milton_home.iterdir()] == ["config.toml"]  # no temp file left
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("modle.base", "x", "unknown setting"),
+    ("model", "x", "unknown setting"),
+    ("model.base", "NOTGGUF", "not a GGUF file"),
+    ("model.base", "DIR", "not a Hugging Face model directory"),
+    ("model.chat_format", "chatml", "config.toml:"),
+    ("anomaly.window_days", "abc", "config.toml:3: anomaly.window_days"),
+])
+def test_config_set_function_rejects_bad_values_before_writing(milton_home, key, value, needle):
+    from milton.cli.config import check_setting
+    from milton.core.config_edit import set_setting
+
+    cfg = write(milton_home / "config.toml", "# my settings\n[anomaly]\nwindow_days = 7  # a week\n")
+    before = cfg.read_bytes()
+    if value == "NOTGGUF":
+        value = str(write(milton_home / "m" / "notes.gguf", "just text\n"))
+    elif value == "DIR":
+        value = str(write(milton_home / "d" / "readme.txt", "x").parent)
+    with pytest.raises(ConfigError, match=needle) as caught:
+        set_setting(key, value, check=check_setting(key))
+    assert "\n" not in str(caught.value)
+    assert cfg.read_bytes() == before

@@ -94,7 +94,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture
 def engine(tiny):
-    eng = LlamaEngine(tiny.gguf, sha256=tiny.sha, n_ctx=256, n_threads=1, seed=0)
+    eng = LlamaEngine(tiny.gguf, sha256=tiny.sha, n_ctx=512, n_threads=1, seed=0)
     yield eng
     eng.close()
 
@@ -192,14 +192,17 @@ def test_plain_prompts_for_models_without_a_template(tiny):
         assert text == "Bees make honey." and chunks[-1].usage.prompt_tokens == len(ids)
     finally:
         plain.close()
-    # A GGUF without tokenizer.chat_template falls back to plain even in auto.
-    other = LlamaEngine(tiny.other_gguf, n_ctx=128, n_threads=1)
+    # A GGUF without tokenizer.chat_template gets the few-shot frame in auto.
+    other = LlamaEngine(tiny.other_gguf, n_ctx=512, n_threads=1)  # room for the few-shot frame
     try:
-        assert other.render_prompt(ASK)[1] == "plain"
+        ids, mode = other.render_prompt(ASK)
+        assert mode == "few-shot" and other.info().extra["chat_format"] == "few-shot"
         _, chunks = answer(other, ASK, GenerationParams(max_tokens=6, temperature=0.0))
         assert chunks[-1].finish_reason in ("stop", "length")
+        assert chunks[-1].usage.prompt_tokens == len(ids)
     finally:
         other.close()
+
 
 
 def test_cancel_stops_generation_and_queued_requests(tiny, engine):
@@ -432,7 +435,7 @@ def test_base_swap_loads_beside_then_switches(tiny, engine, tmp_path, milton_hom
     info = engine.info()
     assert info.base_sha256 == tiny.other_sha and info.adapter_version is None
     assert "serving the new base bare" in info.last_error
-    assert engine.render_prompt(ASK)[1] == "plain"  # this model has no chat template
+    assert engine.render_prompt(ASK)[1] == "few-shot"  # this model has no chat template
     assert answer(engine, params=GenerationParams(max_tokens=5, temperature=0.0))[1][-1].usage
     with pytest.raises(AdapterError, match="trained on base"):
         engine.set_adapter(tiny.adapters["a"], "a", base_sha256=tiny.sha)
@@ -500,7 +503,7 @@ def test_base_watcher_follows_the_evolved_base(tiny, milton_home, monkeypatch):
     settings = load_settings().settings
     adapters_store = adapter_store(milton_home)
     bases = ArtifactStore(milton_home / "checkpoints", "base")
-    engine = LlamaEngine.from_settings(settings, n_ctx=256, n_threads=1, seed=0)
+    engine = LlamaEngine.from_settings(settings, n_ctx=512, n_threads=1, seed=0)
     try:
         adapters = AdapterWatcher(engine, adapters_store)
         first = publish(adapters_store, tiny.adapters["a"], tiny.sha)

@@ -408,9 +408,11 @@ class ModelConfig(_Section):
     )
     chat_format: str = Field(
         default="auto",
-        pattern="^(auto|template|plain)$",
-        description="How exchanges become training text: the tokenizer's chat template, a plain "
-        "'User:/Assistant:' format (base models), or auto (template when the model has one).",
+        pattern="^(auto|template|few-shot|plain)$",
+        description="How the model is prompted: template = its chat template (instruct models); "
+        "few-shot = 'User:/Assistant:' turns after a short assistant frame with example turns "
+        "(serve, for base models; trained as plain); plain = the turns alone; auto = template "
+        "when the model has one, else few-shot.",
     )
     llama_cpp_dir: str = Field(
         default="",

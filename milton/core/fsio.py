@@ -38,11 +38,14 @@ def fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename + fsync(dir): readers see the old or the new file, whole."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """temp file + fsync + rename + fsync(dir): readers see the old or the new file, whole.
+    ``mode``: the new file's permissions (e.g. the replaced file's, for a config with a token)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

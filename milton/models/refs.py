@@ -184,6 +184,40 @@ def evolved_base(settings: Settings) -> BaseModelRef | None:
                         evolved=name)
 
 
+def check_base_path(settings: Settings) -> tuple[Path, str]:
+    """(path, 'gguf' | 'hf') of a non-empty ``model.base``, checked without hashing: the file
+    exists, is readable and starts with the GGUF magic, or the directory is a Hugging Face model
+    (config.json + weights) or holds exactly one GGUF. A one-line :class:`ConfigError` if not.
+
+    What :func:`resolve_base` and ``milton config set model.base`` accept.
+    """
+    path = Path(settings.model.base.strip()).expanduser()
+    if not path.is_absolute():
+        path = settings.paths.home / path
+    path = path.resolve()
+    if not path.exists():
+        raise ConfigError(f"model.base: {path} does not exist (expected a Hugging Face model "
+                          "directory or a .gguf file)")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            if len(_hf_hashed_files(path)) < 2:
+                raise ConfigError(f"model.base: {path} has a config.json but no weights "
+                                  "(*.safetensors or *.bin)")
+            return path, "hf"
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1 and is_gguf(ggufs[0]):
+            return ggufs[0], "gguf"
+        raise ConfigError(f"model.base: {path} is not a Hugging Face model directory "
+                          "(no config.json) nor a .gguf file")
+    error = gguf_error(path)
+    if error is not None and not error.endswith(": not a GGUF file"):
+        raise ConfigError(f"model.base: cannot read {error}")
+    if error is not None:
+        raise ConfigError(f"model.base: {path} is not a GGUF file (no GGUF magic) nor a "
+                          "Hugging Face model directory")
+    return path, "gguf"
+
+
 def resolve_base(settings: Settings, *, hash_cache: Path | None = None,
                  evolved: bool = True) -> BaseModelRef:
     """The base model in use as a :class:`BaseModelRef`; a one-line :class:`ConfigError` if unusable.
@@ -203,34 +237,13 @@ def resolve_base(settings: Settings, *, hash_cache: Path | None = None,
         cache.save()
         return ref
 
-    path = Path(configured).expanduser()
-    if not path.is_absolute():
-        path = settings.paths.home / path
-    path = path.resolve()
-    if not path.exists():
-        raise ConfigError(f"model.base: {path} does not exist (expected a Hugging Face model "
-                          "directory or a .gguf file)")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1 and is_gguf(ggufs[0]):
-                path = ggufs[0]
-            else:
-                raise ConfigError(f"model.base: {path} is not a Hugging Face model directory "
-                                  "(no config.json) nor a .gguf file")
-        else:
-            files = _hf_hashed_files(path)
-            if len(files) < 2:
-                raise ConfigError(f"model.base: {path} has a config.json but no weights "
-                                  "(*.safetensors or *.bin)")
-            combined = hashlib.sha256()
-            for file in files:
-                combined.update(f"{file.name}\0{cache.sha256(file)}\n".encode())
-            cache.save()
-            return BaseModelRef(path=path, kind="hf", sha256=combined.hexdigest(), name=path.name)
-    if not is_gguf(path):
-        raise ConfigError(f"model.base: {path} is not a GGUF file (no GGUF magic) nor a "
-                          "Hugging Face model directory")
+    path, kind = check_base_path(settings)
+    if kind == "hf":
+        combined = hashlib.sha256()
+        for file in _hf_hashed_files(path):
+            combined.update(f"{file.name}\0{cache.sha256(file)}\n".encode())
+        cache.save()
+        return BaseModelRef(path=path, kind="hf", sha256=combined.hexdigest(), name=path.name)
     ref = BaseModelRef(path=path, kind="gguf", sha256=cache.sha256(path), name=path.name)
     cache.save()
     return ref

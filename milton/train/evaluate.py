@@ -89,7 +89,7 @@ def generate(model: Any, tokenizer: Any, item: Any, max_new_tokens: int = 64, *,
     """The model's greedy answer to ``item``'s prompt, formatted as in training."""
     import torch
 
-    resolved = resolve_format(tokenizer, chat_format) if chat_format == "auto" else chat_format
+    resolved = chat_format if chat_format in ("template", "plain") else resolve_format(tokenizer, chat_format)
     ids = prompt_ids(item, tokenizer, resolved)
     device = _device(model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)

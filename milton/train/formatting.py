@@ -13,6 +13,8 @@ An item is anything with ``kind`` ('pair' | 'text'), ``prompt``, ``response`` an
   training sees the prompt exactly as generation will.
 * ``plain``: ``"User: {prompt}\\nAssistant: {response}"`` + EOS, for base models (the prompt
   part is :func:`milton.models.prompt.plain_prompt`'s, exactly what serve renders).
+* ``few-shot``: trained as ``plain`` (serve puts a short few-shot frame before the same turns,
+  :func:`milton.models.prompt.few_shot_prompt`).
 * ``auto``: ``template`` when the tokenizer has a chat template that passes that check on a
   probe exchange, else ``plain``.
 
@@ -99,8 +101,9 @@ def has_usable_template(tokenizer: Any) -> bool:
 
 
 def resolve_format(tokenizer: Any, chat_format: str) -> str:
-    """'template' or 'plain' for ``model.chat_format`` (auto|template|plain) and this tokenizer."""
-    if chat_format == "plain":
+    """'template' or 'plain' for ``model.chat_format`` (auto|template|few-shot|plain) and this
+    tokenizer."""
+    if chat_format in ("plain", "few-shot"):
         return "plain"
     usable = has_usable_template(tokenizer)
     if chat_format == "template" and not usable:
@@ -197,7 +200,7 @@ def prompt_text(item: Any, tokenizer: Any, chat_format: str) -> str:
     Template text already carries its special tokens: tokenize it with
     ``add_special_tokens=False``; plain text needs them (see :func:`prompt_ids`).
     """
-    resolved = resolve_format(tokenizer, chat_format) if chat_format == "auto" else chat_format
+    resolved = chat_format if chat_format in ("template", "plain") else resolve_format(tokenizer, chat_format)
     if resolved == "template":
         rendered = _render_template(tokenizer, item)
         if rendered is not None:
@@ -207,7 +210,7 @@ def prompt_text(item: Any, tokenizer: Any, chat_format: str) -> str:
 
 def prompt_ids(item: Any, tokenizer: Any, chat_format: str) -> list[int]:
     """Token ids of :func:`prompt_text`, exactly as training tokenised the prompt."""
-    resolved = resolve_format(tokenizer, chat_format) if chat_format == "auto" else chat_format
+    resolved = chat_format if chat_format in ("template", "plain") else resolve_format(tokenizer, chat_format)
     if resolved == "template":
         rendered = _render_template(tokenizer, item)
         if rendered is not None:

@@ -27,11 +27,13 @@ request; its cost shows in ``locked_ms``). The wrapper then stays; the bare base
 with no adapter left. A rejected adapter raises :class:`~milton.serve.engines.base.AdapterError`
 and the old one keeps serving.
 
-Prompts are rendered as the llama backend renders them: ``plain`` is
-:func:`~milton.models.prompt.plain_prompt` (BOS, no special-token parsing of user text);
+Prompts are rendered as the llama backend renders them (:func:`~milton.models.prompt.serve_format`):
 ``template``/``auto`` is the tokenizer's chat template with the generation prompt, as
-train-lora's :func:`~milton.train.formatting.prompt_ids` tokenises it, falling back to plain
-when the tokenizer has no usable template (:func:`~milton.train.formatting.resolve_format`).
+train-lora's :func:`~milton.train.formatting.prompt_ids` tokenises it, falling back to
+``few-shot`` (:func:`~milton.models.prompt.few_shot_prompt`) when the tokenizer has no usable
+template (:func:`~milton.train.formatting.has_usable_template`); ``few-shot`` and ``plain``
+(:func:`~milton.models.prompt.plain_prompt`) on request, both with BOS and no special-token
+parsing of user text.
 Tokens come from a loop over the model's forward with its KV cache: greedy at temperature 0,
 else llama.cpp's sampler chain (top-k 40, top-p, min-p 0.05, then temperature) with a seeded
 generator; usage is exact, a cancel takes effect between two tokens, stop strings are held back.
@@ -53,7 +55,13 @@ from typing import Any
 from milton.core.config import Settings
 from milton.core.timeutil import iso, utcnow
 from milton.models.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
-from milton.models.prompt import StopScanner, plain_prompt, stop_strings
+from milton.models.prompt import (
+    TURN_FORMATS,
+    StopScanner,
+    serve_format,
+    stop_strings,
+    turn_prompt,
+)
 from milton.models.refs import BaseModelRef
 from milton.serve.engines.base import (
     AdapterError,
@@ -137,7 +145,7 @@ class HFEngine(Engine):
         import torch
 
         from milton.models.hf import load_base
-        from milton.train.formatting import resolve_format
+        from milton.train.formatting import has_usable_template
 
         super().__init__(seed=seed, logger_=logger_)
         self.ref = base
@@ -145,7 +153,8 @@ class HFEngine(Engine):
         first = next(self._lm.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.n_threads = torch.get_num_threads() if self.device.type == "cpu" else 0
-        self.chat_format = resolve_format(self._tok, chat_format)
+        self.chat_format = serve_format(chat_format, chat_format not in TURN_FORMATS
+                                        and has_usable_template(self._tok))
         limit = getattr(self._lm.config, "max_position_embeddings", None)
         self.n_ctx = min(n_ctx, limit) if isinstance(limit, int) and limit > 0 else n_ctx
         self._eos = self._eos_ids()
@@ -346,7 +355,7 @@ class HFEngine(Engine):
         return len(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def render_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], str]:
-        """(prompt token ids, 'template' | 'plain') for ``messages``."""
+        """(prompt token ids, 'template' | 'few-shot' | 'plain') for ``messages``."""
         self._check_open()
         if self.chat_format == "template":
             try:
@@ -357,9 +366,9 @@ class HFEngine(Engine):
             # As train-lora's prompt_ids: the template writes BOS itself.
             return list(self._tok(text, add_special_tokens=False)["input_ids"]), "template"
         # As the llama backend: BOS, no special-token parsing of user text.
-        ids = self._tok(plain_prompt(messages), add_special_tokens=True,
+        ids = self._tok(turn_prompt(messages, self.chat_format), add_special_tokens=True,
                         split_special_tokens=True)["input_ids"]
-        return list(ids), "plain"
+        return list(ids), self.chat_format
 
     def chat(self, messages: list[dict[str, str]], params: GenerationParams,
              cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -408,7 +417,8 @@ class HFEngine(Engine):
         try:
             yield from self._stream(len(ids), max_new, tokens, lambda token: token in self._eos,
                                     detok.push, detok.flush,
-                                    StopScanner(stop_strings(params.stop, mode)), cancel,
+                                    StopScanner(stop_strings(params.stop, mode),
+                                                loop_guard=mode == "few-shot"), cancel,
                                     self.adapter_version, done)
         finally:
             tokens.close()

@@ -19,10 +19,12 @@ A base swap (:meth:`LlamaEngine.swap_base`) loads the new GGUF beside the old on
 under the same lock, re-applies the adapter only if it was made for the new base (by sha256),
 and frees the old model once nothing uses it.
 
-Prompts: ``model.chat_format`` ``plain`` -> :func:`milton.models.prompt.plain_prompt` (what
-train-lora trains base models on); ``template``/``auto`` -> the GGUF's own chat template
-(``tokenizer.chat_template``, rendered by llama-cpp-python's ``Jinja2ChatFormatter`` exactly
-as its ``create_chat_completion`` does), falling back to ``plain`` for a model without one.
+Prompts (:func:`milton.models.prompt.serve_format`): ``template``/``auto`` -> the GGUF's own
+chat template (``tokenizer.chat_template``, rendered by llama-cpp-python's
+``Jinja2ChatFormatter`` exactly as its ``create_chat_completion`` does), falling back to
+``few-shot`` (:func:`milton.models.prompt.few_shot_prompt`: a base model framed as an assistant,
+answers cut where they start looping) for a model without one; ``few-shot`` and ``plain``
+(:func:`milton.models.prompt.plain_prompt`, what train-lora trains base models on) on request.
 Tokens are sampled by a loop over ``Llama.generate`` so that usage is exact, a cancel takes
 effect between two tokens, and stop strings are held back rather than streamed.
 """
@@ -54,7 +56,7 @@ from milton.models.llamacpp import (
     llama_cpp,
     llama_messages,
 )
-from milton.models.prompt import StopScanner, plain_prompt, stop_strings
+from milton.models.prompt import StopScanner, serve_format, stop_strings, turn_prompt
 from milton.models.refs import BaseModelRef, default_model_id, gguf_error
 from milton.serve.engines.base import (
     AdapterError,
@@ -80,7 +82,8 @@ class _Base:
     llm: Any                    # llama_cpp.Llama
     path: Path
     sha256: str
-    template: Any               # Jinja2ChatFormatter, or None = plain prompts
+    template: Any               # Jinja2ChatFormatter, or None = few-shot/plain prompts
+    mode: str                   # 'template' | 'few-shot' | 'plain' (serve_format)
     users: int = 0
     retired: bool = False
     freed: bool = False
@@ -150,13 +153,13 @@ class LlamaEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - the reason is in llama.cpp's log
             why = failure_reason(lines) or str(exc)
             raise ConfigError(f"{what}: llama.cpp cannot load {path}: {why}") from None
-        return _Base(llm=llm, path=path, sha256=digest, template=self._formatter(llm))
+        template = self._formatter(llm)
+        return _Base(llm=llm, path=path, sha256=digest, template=template,
+                     mode=serve_format(self.chat_format, template is not None))
 
     def _formatter(self, llm: Any) -> Any:
-        if self.chat_format == "plain":
-            return None
         template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
+        if serve_format(self.chat_format, bool(template)) != "template":
             return None
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -329,7 +332,7 @@ class LlamaEngine(Engine):
         base = self._base
         return self._info(self.model_id, base.path, base.sha256, {
             "backend": "llama.cpp",
-            "chat_format": "template" if base.template is not None else "plain",
+            "chat_format": base.mode,
             "n_ctx": self.n_ctx, "n_threads": self.n_threads})
 
     def count_tokens(self, text: str) -> int:
@@ -340,7 +343,8 @@ class LlamaEngine(Engine):
             self._unuse(base)
 
     def render_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], str]:
-        """(prompt token ids, 'template' | 'plain') for ``messages`` on the served base."""
+        """(prompt token ids, 'template' | 'few-shot' | 'plain') for ``messages`` on the
+        served base."""
         base = self._use()
         try:
             return self._render(base, messages)
@@ -357,8 +361,8 @@ class LlamaEngine(Engine):
             # As llama-cpp-python's create_chat_completion: the template writes BOS itself.
             return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True), "template"
         # As train-lora tokenises plain prompts: BOS, no special-token parsing of user text.
-        return llm.tokenize(plain_prompt(messages).encode("utf-8"), add_bos=True,
-                            special=False), "plain"
+        return llm.tokenize(turn_prompt(messages, base.mode).encode("utf-8"), add_bos=True,
+                            special=False), base.mode
 
     def chat(self, messages: list[dict[str, str]], params: GenerationParams,
              cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -404,7 +408,8 @@ class LlamaEngine(Engine):
             yield from self._stream(
                 len(ids), max_new, tokens, lambda token: lc.llama_vocab_is_eog(vocab, token),
                 lambda token: decoder.decode(_piece(lc, vocab, token)),
-                lambda: decoder.decode(b"", final=True), StopScanner(stop_strings(params.stop, mode)),
+                lambda: decoder.decode(b"", final=True),
+                StopScanner(stop_strings(params.stop, mode), loop_guard=mode == "few-shot"),
                 cancel, self.adapter_version, done=lambda _produced: tokens.close())
         finally:
             tokens.close()
