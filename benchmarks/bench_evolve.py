@@ -469,7 +469,8 @@ def child_job(plan: dict[str, Any]) -> dict[str, Any]:
         work = run_dir(settings, result.metrics["run_id"])
         stages = {name: read_stage(work, name) for name in STAGES}
         report = json.loads((work / REPORT_JSON).read_text())
-        final = work / "export" / gguf_name(report["promote_type"])
+        chosen = result.metrics.get("candidate_stage"), result.metrics.get("candidate_format")
+        final = work / str(chosen[0]) / gguf_name(str(chosen[1]))
         speed = {label: _interleaved_speed(final, current, plan["bench_tokens"],
                                            plan["speed_rounds"], threads)
                  for label, threads in (("one", LLAMA_THREADS), ("all", usable_cpus()))}
@@ -526,20 +527,30 @@ def _dense_figures(d: dict[str, Any]) -> dict[str, Any]:
 def _job_figures(j: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"job_status": j["status_detail"], "job_s": j["job_s"],
                            "job_peak_rss_mb": j["peak_rss_mb"]}
-    rows = {(r["format"] if r["stage"] == "quantize" else r["stage"]): r
+    rows = {(r["stage"] if r["stage"] == "serving" else f"{r['stage']}_{r['format']}"): r
             for r in j["report"]["rows"]}
     for name, row in rows.items():
-        for key in ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s", "layers"):
+        for key in ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s", "layers", "quality",
+                    "regression_quality", "speedup"):
             if row.get(key) is not None:
                 out[f"job_{name}_{key}"] = _r(row[key], 4)
+    out["job_table"] = [{k: _r(r.get(k), 4) for k in ("stage", "format", "layers", "size_mb",
+                                                       "tokens_per_s", "speedup", "eval_ppl",
+                                                       "regression_ppl", "quality",
+                                                       "regression_quality", "won", "verdict")}
+                        for r in j["report"]["rows"]]
+    out["job_winner"] = j["report"].get("winner")
+    out["job_prune_curve"] = j["report"].get("prune_curve")
     distil, prune = j["stages"].get("distil") or {}, j["stages"].get("prune") or {}
     out.update(job_distil_kl_before=_r(distil.get("kl_before"), 4),
                job_distil_kl_after=_r(distil.get("kl_after"), 4),
                job_distil_steps=distil.get("distil_steps"),
                job_distil_train_tokens_per_s=distil.get("distil_tokens_per_s"),
                job_distil_s=distil.get("distil_s"),
+               job_distil_stopped_early=distil.get("distil_stopped_early"),
                job_prune_sparsity=prune.get("sparsity"), job_prune_stopped=prune.get("stopped"))
     checks = j["report"].get("checks") or {}
+    out.update(job_stage_done_s=j["stage_done_s"])
     out.update(job_promoted=j["report"]["promoted"], job_reason=j["report"]["reason"],
                job_eval_quality=_r(checks.get("eval_quality")),
                job_regression_quality=_r(checks.get("regression_quality")),
