@@ -158,6 +158,7 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
     # (absurd learning rate) is rejected by the gate and the promoted base stays.
     again = _evolve(cli, env={"MILTON_EVOLVE__DISTIL_LR": "50", "MILTON_EVOLVE__QUALITY_THRESHOLD": "0.9",
                               "MILTON_EVOLVE__PROMOTE_TYPE": won[0]["format"],
+                              "MILTON_EVOLVE__QUANTIZATIONS": json.dumps([won[0]["format"]]),
                               "MILTON_EVOLVE__PRUNE_METHOD": "none", "MILTON_EVOLVE__KEEP_STAGES": "false"})
     assert again["status_detail"] == "rejected", again
     assert "perplexity" in again["reason"], again["reason"]

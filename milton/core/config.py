@@ -507,8 +507,11 @@ class EvolveConfig(_Section):
         "teacher answers).",
     )
     quantizations: list[str] = Field(
-        default_factory=lambda: ["q8_0", "q4_k_m"],
-        description="GGUF types made with llama_model_quantize (f16 is always made first).",
+        default_factory=lambda: ["q8_0", "q4_k_m", "q4_k_m+q5_0", "q4_k_m+q4_0"],
+        description="GGUF types made of every stage with llama_model_quantize (f16 is always made "
+        "first); 'TYPE+EMB' gives the token embedding (and a tied output layer) type EMB: on "
+        "Gemma 3 270M the embedding is 168M of 268M weights, kept in q8_0 by q4_k_m (k-quants "
+        "need rows divisible by 256; Gemma's 640 falls back), so q4_k_m+q4_0 is 0.67x the size.",
     )
     promote_type: str = Field(
         default="",

@@ -375,12 +375,15 @@ def distil(teacher: Any, student: Any, tokenizer: Any, items: list[Any], evolve_
 
 # -- data ---------------------------------------------------------------------------------------
 def teacher_answers(teacher: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int,
-                    chat_format: str = "auto") -> list[dict[str, Any]]:
-    """The teacher's greedy answers as pair items (empty answers skipped)."""
+                    chat_format: str = "auto", deadline: float | None = None) -> list[dict[str, Any]]:
+    """The teacher's greedy answers as pair items (empty answers skipped); no new answer is
+    started after ``deadline`` (``time.monotonic()``)."""
     from milton.train.evaluate import generate
 
     out = []
     for prompt in prompts:
+        if deadline is not None and time.monotonic() > deadline:
+            break
         if not prompt or not prompt.strip():
             continue
         item = {"kind": "pair", "prompt": prompt, "response": ""}

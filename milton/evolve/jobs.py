@@ -175,8 +175,11 @@ class _Pipeline:
         if path.is_file():
             return _read_jsonl(path)
         prompts = topic_prompts(self.ctx.db, self.cfg.teacher_prompts, seed=self.settings.train.seed)
+        until = self.deadline(DISTIL_SHARE)  # a third of the time left for distillation, at most
+        until = None if until is None else time.monotonic() + (until - time.monotonic()) / 3
         items = teacher_answers(teacher, tokenizer, prompts, max_new_tokens=self.cfg.teacher_max_new_tokens,
-                                chat_format=self.settings.model.chat_format) if prompts else []
+                                chat_format=self.settings.model.chat_format,
+                                deadline=until) if prompts else []
         data = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items)
         atomic_write_bytes(path, data.encode("utf-8"))
         return items
