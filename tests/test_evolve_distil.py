@@ -543,3 +543,15 @@ def test_exported_gemma3_student_runs_its_own_attention_pattern_in_llamacpp(tmp_
     assert len(examples[0].input_ids) > 3 * config.sliding_window
     llama = gguf_perplexity(gguf_path, examples, threads=1)
     assert abs(llama / hf - 1) < 0.005, (hf, llama)
+
+
+def test_distillation_stops_at_the_deadline(teacher_dir: Path, tmp_path: Path) -> None:
+    """evolve.max_minutes: past its deadline distillation ends after the current step and the
+    student as it is then is the result, marked as stopped early."""
+    import time
+
+    teacher, tok = load_teacher(teacher_dir)
+    result = distil(teacher, derive_student(teacher, 2), tok, TRAIN, evolve_cfg(distil_steps=50),
+                    train_cfg(), checkpoint_dir=tmp_path / "ck", deadline=time.monotonic() - 1)
+    assert result.steps == 1 and result.total_steps == 50 and len(result.loss_history) == 1
+    assert result.metrics()["distil_stopped_early"] is True and not result.model.training
