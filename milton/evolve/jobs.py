@@ -135,7 +135,7 @@ class _Pipeline:
             for kind in self.types:
                 if kind == same:
                     continue
-                self.log(f"measuring {directory.name} {kind}", stage=directory.name.lstrip("."))
+                self.ctx.log(f"measuring {kind}", evolve_run=self.run_id, model_dir=directory.name)
                 measured[kind] = self.measure(files[kind], tokenizer)
         return {"format": UNQUANTIZED, **measured[UNQUANTIZED], "hf_eval_ppl": hf_ppl,
                 "not_offered": ({same: "no adapter to merge: the serving model itself"}
