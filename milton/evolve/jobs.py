@@ -229,8 +229,9 @@ class _Pipeline:
                 "sparsity": result.sparsity, "stopped": result.stopped, "start_ppl": result.start_ppl,
                 "iterations": result.iterations, "layers": _layers(previous)}
         if not result.sparsity:  # nothing kept: the same weights as `previous`, already measured
-            return {**info, "excluded": f"no pruning iteration kept quality_threshold "
-                                        f"({result.stopped}): the same weights as {previous.name}"}
+            why = ("evolve.max_minutes ran out before the first iteration" if result.stopped == "budget"
+                   else f"no iteration kept quality_threshold ({result.stopped})")
+            return {**info, "excluded": f"{why}: the same weights as {previous.name}"}
         save_model(result.model, tokenizer, out, like=previous)
         return {**info, **self.candidates(out, tokenizer, result.model)}
 

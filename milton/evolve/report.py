@@ -55,7 +55,7 @@ def stage_rows(stages: dict[str, dict[str, Any]], serving: dict[str, Any] | None
         if info.get("skipped"):
             rows.append({"stage": name, "format": "-", "verdict": f"skipped: {info['skipped']}"})
             continue
-        types = info.get("types") or {info.get("format", "f16"): info}
+        types = info.get("types") or {info.get("format", "-"): info}
         for kind, figures in types.items():
             row = _row(name, kind, figures, serving, **extra)
             verdict = why.get(label(row))
