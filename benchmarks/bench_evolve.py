@@ -39,7 +39,7 @@ from benchmarks._common import target
 REPO = Path(__file__).resolve().parents[1]
 CHAT_FORMAT = "plain"
 MAX_SEQ_LEN = 256
-QUANTS = ("q8_0", "q4_k_m")
+QUANTS = ("q8_0", "q4_k_m", "q4_k_m+q4_0")
 #: llama.cpp's perplexity table (Llama-3-8B, wikitext-2): Q8_0 +0.0026, Q4_K_M +0.1754.
 ANCHOR = {"q8_0": {"delta": 0.0026, "pct": 0.04}, "q4_k_m": {"delta": 0.1754, "pct": 2.8}}
 TARGET_WANDA_RATIO = 1.25   # Wanda's 50% unstructured result on 7B+ models, roughly
@@ -52,15 +52,18 @@ LLAMA_THREADS = 1
 #: paragraphs: eval paragraphs in llama.cpp (ladder) / in HF fp32 (pruning: ~10x costlier per
 #: token on CPU). iterative: EvolveConfig overrides. job: the job's [evolve] overrides.
 PLANS: dict[str, dict[str, Any]] = {
+    # full: one-shot pruning recovers at evolve.recovery_lr and at distil_lr (1e-4, the
+    # comparison); the job runs with the default settings except eval_items and keep_stages,
+    # within BENCH_EVOLVE_MAX_MINUTES (default: evolve.max_minutes).
     "full": {"paragraphs": 40, "hf_paragraphs": 12, "recovery_steps": 10, "bench_tokens": 64,
+             "other_recovery_lrs": (1e-4,),
              "iterative": {"recovery_steps": 10}, "speed_rounds": 3,
-             "job": {"distil_steps": 60, "teacher_prompts": 12, "teacher_max_new_tokens": 48,
-                     "recovery_steps": 5}},
+             "job": {}},
     # quick: a smoke test; the job skips pruning (the dense child runs iterative_prune).
     "quick": {"paragraphs": 6, "hf_paragraphs": 4, "recovery_steps": 1, "bench_tokens": 16,
               "iterative": {"recovery_steps": 1, "prune_max": 0.1}, "speed_rounds": 1,
               "job": {"distil_steps": 3, "teacher_prompts": 2, "teacher_max_new_tokens": 16,
-                      "prune_method": "none", "quantizations": ["q4_k_m"]}},
+                      "prune_method": "none", "quantizations": ["q4_k_m+q4_0"]}},
 }
 
 
@@ -295,14 +298,22 @@ def _one_shot(model: Any, tok: Any, dense: dict[str, Any], items: dict[str, list
             out[f"{method}_sparsity"] = round(sparsity_of(model), 4)
             out[f"{method}_ppl"] = ppl()
         t1 = time.perf_counter()
-        losses = recover(model, tok, items["train"], masks, plan["recovery_steps"],
-                         defaults.distil_lr, cfg, chat_format=CHAT_FORMAT,
-                         freeze_embeddings=not defaults.train_embeddings)
-        out[f"{method}_recovery_s"] = round(time.perf_counter() - t1, 1)
-        out[f"{method}_recovery_loss"] = [round(x, 4) for x in losses[:1] + losses[-1:]]
-        out[f"{method}_recovered_ppl"] = ppl()
+        pruned = _snapshot(model)
+        for lr in (defaults.recovery_lr, *plan.get("other_recovery_lrs", ())):
+            _restore(model, pruned)
+            key = method if lr == defaults.recovery_lr else f"{method}_lr{lr:g}"
+            losses = recover(model, tok, items["train"], masks, plan["recovery_steps"],
+                             lr, cfg, chat_format=CHAT_FORMAT,
+                             freeze_embeddings=not defaults.train_embeddings)
+            out[f"{key}_recovery_s"] = round(time.perf_counter() - t1, 1)
+            out[f"{key}_recovery_loss"] = [round(x, 4) for x in losses[:1] + losses[-1:]]
+            out[f"{key}_recovered_ppl"] = ppl()
+            t1 = time.perf_counter()
         _log(f"{method}: {out}", t0)
+    out["recovery_lr"] = defaults.recovery_lr
     out["dense_tuned_ppl"] = out.pop("dense_recovered_ppl")
+    for lr in plan.get("other_recovery_lrs", ()):
+        out[f"dense_tuned_ppl_lr{lr:g}"] = out.pop(f"dense_lr{lr:g}_recovered_ppl")
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -379,6 +390,8 @@ def _write_config(home: Path, plan: dict[str, Any]) -> None:
     """config.toml: cheap enough for a CPU run, otherwise the defaults (student 12 of 18)."""
     evolve = {**plan["job"], "bench_tokens": plan["bench_tokens"], "eval_items": 32,
               "keep_stages": True}
+    if os.environ.get("BENCH_EVOLVE_MAX_MINUTES"):
+        evolve["max_minutes"] = float(os.environ["BENCH_EVOLVE_MAX_MINUTES"])
     train = {"batch_size": 4, "grad_accum": 1, "max_seq_len": MAX_SEQ_LEN}
     lines = ['[model]', 'device = "cpu"', '', '[serve]', f"n_threads = {LLAMA_THREADS}", '',
              '[train]']
@@ -469,7 +482,8 @@ def child_job(plan: dict[str, Any]) -> dict[str, Any]:
         work = run_dir(settings, result.metrics["run_id"])
         stages = {name: read_stage(work, name) for name in STAGES}
         report = json.loads((work / REPORT_JSON).read_text())
-        final = work / "export" / gguf_name(report["promote_type"])
+        chosen = result.metrics.get("candidate_stage"), result.metrics.get("candidate_format")
+        final = work / str(chosen[0]) / gguf_name(str(chosen[1]))
         speed = {label: _interleaved_speed(final, current, plan["bench_tokens"],
                                            plan["speed_rounds"], threads)
                  for label, threads in (("one", LLAMA_THREADS), ("all", usable_cpus()))}
@@ -514,6 +528,10 @@ def _dense_figures(d: dict[str, Any]) -> dict[str, Any]:
         out[f"{method}50_recovered_ratio"] = _r(p[f"{method}_recovered_ppl"] / p["dense_ppl"])
     out["pruned_wanda_ppl_ratio"] = out.pop("wanda50_recovered_ratio")
     out["dense_tuned_ppl_hf"] = _r(p["dense_tuned_ppl"], 4)
+    out["recovery_lr"] = p.get("recovery_lr")
+    for key in [k for k in p if k.startswith(("wanda_lr", "magnitude_lr", "dense_tuned_ppl_lr"))
+                and (k.endswith("_ppl") or k.startswith("dense_tuned_ppl_lr"))]:
+        out[key if key.startswith("dense") else f"{key}_hf"] = _r(p[key], 4)
     out["wanda50_recovered_vs_tuned_dense"] = _r(p["wanda_recovered_ppl"] / p["dense_tuned_ppl"])
     it = d["iterative"]
     out.update(iterative_sparsity=it["sparsity"], iterative_iterations=len(it["iterations"]),
@@ -526,20 +544,30 @@ def _dense_figures(d: dict[str, Any]) -> dict[str, Any]:
 def _job_figures(j: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"job_status": j["status_detail"], "job_s": j["job_s"],
                            "job_peak_rss_mb": j["peak_rss_mb"]}
-    rows = {(r["format"] if r["stage"] == "quantize" else r["stage"]): r
+    rows = {(r["stage"] if r["stage"] == "serving" else f"{r['stage']}_{r['format']}"): r
             for r in j["report"]["rows"]}
     for name, row in rows.items():
-        for key in ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s", "layers"):
+        for key in ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s", "layers", "quality",
+                    "regression_quality", "speedup"):
             if row.get(key) is not None:
                 out[f"job_{name}_{key}"] = _r(row[key], 4)
+    out["job_table"] = [{k: _r(r.get(k), 4) for k in ("stage", "format", "layers", "size_mb",
+                                                       "tokens_per_s", "speedup", "eval_ppl",
+                                                       "regression_ppl", "quality",
+                                                       "regression_quality", "won", "verdict")}
+                        for r in j["report"]["rows"]]
+    out["job_winner"] = j["report"].get("winner")
+    out["job_prune_curve"] = j["report"].get("prune_curve")
     distil, prune = j["stages"].get("distil") or {}, j["stages"].get("prune") or {}
     out.update(job_distil_kl_before=_r(distil.get("kl_before"), 4),
                job_distil_kl_after=_r(distil.get("kl_after"), 4),
                job_distil_steps=distil.get("distil_steps"),
                job_distil_train_tokens_per_s=distil.get("distil_tokens_per_s"),
                job_distil_s=distil.get("distil_s"),
+               job_distil_stopped_early=distil.get("distil_stopped_early"),
                job_prune_sparsity=prune.get("sparsity"), job_prune_stopped=prune.get("stopped"))
     checks = j["report"].get("checks") or {}
+    out.update(job_stage_done_s=j["stage_done_s"])
     out.update(job_promoted=j["report"]["promoted"], job_reason=j["report"]["reason"],
                job_eval_quality=_r(checks.get("eval_quality")),
                job_regression_quality=_r(checks.get("regression_quality")),
@@ -605,12 +633,15 @@ def _notes(f: dict[str, Any]) -> list[str]:
         notes.append("Wanda 50% misses 1.25x here: that figure is for 7B+ models (Wanda's own "
                      "ratios grow as models shrink); a 270M model has little redundancy")
     if f.get("dense_tuned_ppl_hf", 0) > f.get("dense_ppl_hf", float("inf")):
-        notes.append("recovery at evolve.distil_lr raises the dense model's perplexity too "
+        notes.append("recovery at evolve.recovery_lr raises the dense model's perplexity too "
                      "(dense_tuned_ppl_hf > dense_ppl_hf): the fine-tune itself moves the model "
                      "off general text, pruned or not")
     if not f.get("job_promoted"):
-        notes.append("not promoted: a short CPU distillation does not keep 90% of the quality "
-                     "(expected); the speed and size figures still hold")
+        notes.append("not promoted: no stage in any type kept 90% of the quality while being "
+                     "smaller or faster (job_table has every candidate's verdict)")
+    else:
+        notes.append(f"promoted {f.get('job_winner')}: the gate's rule is the fastest qualifying "
+                     "candidate, ties (within 5%) to the smaller; job_table has every verdict")
     return notes
 
 

@@ -495,3 +495,63 @@ def test_topic_prompts_from_a_real_store(tmp_path: Path) -> None:
         assert topic_prompts(db, 1) == ["How do I rotate the nginx logs?"]
     finally:
         db.close()
+
+
+def test_exported_gemma3_student_runs_its_own_attention_pattern_in_llamacpp(tmp_path: Path, settings) -> None:
+    """A student whose full-attention layers moved (teacher 2 and 5 -> student 1 and 3) gives
+    the same perplexity in llama.cpp as in HF: the GGUF carries the per-layer sliding pattern
+    (llama.cpp otherwise assumes every 6th layer is full) and the context length."""
+    import gguf
+    import torch
+    from tiny_lm import build_tokenizer, pretraining_texts
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from milton.core.config import TrainConfig
+    from milton.evolve.export import UNQUANTIZED, export_ggufs
+    from milton.evolve.measure import gguf_perplexity
+    from milton.evolve.merge import save_model
+    from milton.train.evaluate import perplexity
+    from milton.train.formatting import format_items
+
+    tok = build_tokenizer(pretraining_texts(), vocab_size=512, chat_template=False)
+    types = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=32, query_pre_attn_scalar=32, layer_types=types, sliding_window=4,
+                              max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2)
+    torch.manual_seed(0)
+    teacher = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else None
+    student = derive_student(teacher, 4).eval()
+    assert student.config.layer_types == [types[i] for i in (0, 2, 3, 5)]
+    model_dir = tmp_path / "student"
+    save_model(student, tok, model_dir)
+    (model_dir / "tokenizer.model").write_bytes(tok.sentencepiece_model)
+    gguf_path = export_ggufs(settings, model_dir, tmp_path / "out", [])[UNQUANTIZED]
+    fields = gguf.GGUFReader(gguf_path).fields
+    pattern = fields["gemma3.attention.sliding_window_pattern"]
+    assert [bool(pattern.parts[i][0]) for i in pattern.data] == [True, False, True, False]
+    assert int(fields["gemma3.context_length"].contents()) == 256
+
+    items = [{"kind": "text", "prompt": None, "response": " ".join(pretraining_texts()[:6])}]
+    cfg = TrainConfig(max_seq_len=96, batch_size=1)
+    hf = perplexity(student, tok, items, cfg, chat_format="plain")
+    examples = format_items(items, tok, "plain", 96)
+    assert len(examples[0].input_ids) > 3 * config.sliding_window
+    llama = gguf_perplexity(gguf_path, examples, threads=1)
+    assert abs(llama / hf - 1) < 0.005, (hf, llama)
+
+
+def test_distillation_stops_at_the_deadline(teacher_dir: Path, tmp_path: Path) -> None:
+    """evolve.max_minutes: past its deadline distillation ends after the current step and the
+    student as it is then is the result, marked as stopped early."""
+    import time
+
+    teacher, tok = load_teacher(teacher_dir)
+    result = distil(teacher, derive_student(teacher, 2), tok, TRAIN, evolve_cfg(distil_steps=50),
+                    train_cfg(), checkpoint_dir=tmp_path / "ck", deadline=time.monotonic() - 1)
+    assert result.steps == 1 and result.total_steps == 50 and len(result.loss_history) == 1
+    assert result.metrics()["distil_stopped_early"] is True and not result.model.training

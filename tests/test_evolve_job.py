@@ -40,6 +40,7 @@ def _config(home: Path, gguf: Path, **evolve) -> None:
     values = {"distil_steps": 30, "distil_lr": 3e-3, "teacher_prompts": 4, "teacher_max_new_tokens": 12,
               "prune_step": 0.2, "prune_max": 0.4, "recovery_steps": 4, "calibration_items": 8,
               "eval_items": 16, "min_train_items": 4, "bench_tokens": 8, "quality_threshold": 0.05,
+              "quantizations": ["q8_0", "q4_k_m"],
               "keep_stages": True, **evolve}
     train = {"learning_rate": 0.01, "max_steps": 40, "batch_size": 4, "grad_accum": 1, "epochs": 20,
              "checkpoint_every": 5, "rouge_samples": 0, "seed": 0, "lora_dropout": 0.0,
@@ -101,46 +102,63 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
 
     work = run_dir(settings, result["run_id"])
     stages = {name: json.loads((work / name / "stage.json").read_text())
-              for name in ("merge", "distil", "prune", "export")}
-    # Each model stage is a loadable HF model directory, and its f16 GGUF was measured.
+              for name in ("merge", "distil", "prune")}
+    # Each model stage is a loadable HF model directory, and all its GGUFs were measured.
     for name, layers in (("merge", 3), ("distil", 2), ("prune", 2)):
         model = AutoModelForCausalLM.from_pretrained(work / name)
         assert model.config.num_hidden_layers == layers, name
-        assert stages[name]["eval_ppl"] > 0 and stages[name]["size_mb"] > 0
+        assert set(stages[name]["types"]) == {"f16", "q8_0", "q4_k_m"}, name
+        assert all(f["eval_ppl"] > 0 and f["size_mb"] > 0 for f in stages[name]["types"].values())
+        # The export check: llama.cpp's f16 runs what HF measured (within 0.5%).
+        assert stages[name]["excluded"] is None and stages[name]["export_drift"] <= 0.005, stages[name]
     assert stages["merge"]["adapter_version"] == "v000001"
     # Distillation brought the student closer to the teacher on held-out items.
     assert stages["distil"]["kl_after"] < stages["distil"]["kl_before"], stages["distil"]
     assert 0 < stages["prune"]["sparsity"] <= 0.4 + 1e-6
     # f16, q8_0 and q4_k_m all load in llama.cpp and generate; quantized files are smaller.
-    files = {k: work / "export" / v for k, v in stages["export"]["files"].items()}
-    assert set(files) == {"f16", "q8_0", "q4_k_m"}
+    files = {k: work / "prune" / v for k, v in stages["prune"]["files"].items()}
     for path in files.values():
         assert _generate(path, "The build server").strip()
     sizes = {k: p.stat().st_size for k, p in files.items()}
     assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
 
+    # The gate saw all nine and promoted the one its rule picks: the fastest qualifying, ties
+    # (within 5%) to the smaller.
+    code, out, err = cli("evolve", "report", str(result["run_id"]), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    rows = [r for r in report["rows"] if r["stage"] != "serving"]
+    assert len(rows) == 9 and all(r.get("verdict") for r in rows), rows
+    won = [r for r in rows if r.get("won")]
+    assert len(won) == 1 and report["winner"] == f"{won[0]['stage']} {won[0]['format']}"
+    assert result["winner"] == report["winner"]
+    qualifying = [r for r in rows if not r["verdict"].startswith(("held-out", "regression", "neither"))]
+    fastest = max(r["tokens_per_s"] for r in qualifying)
+    assert won[0]["tokens_per_s"] * 1.05 >= fastest
+    assert won[0]["size_mb"] == min(r["size_mb"] for r in qualifying if r["tokens_per_s"] * 1.05 >= fastest)
+
     # Promoted: the artifact is current, and it is now what serve and train-lora use.
     current = base_store(settings).current()
     assert current is not None and current.name == result["version"]
-    assert current.manifest["gate"]["promote"] and current.manifest["gguf_type"] == "q4_k_m"
+    assert current.manifest["gate"]["promote"] and current.manifest["gguf_type"] == won[0]["format"]
+    assert current.manifest["stage"] == won[0]["stage"]
     assert (current.path / "hf" / "config.json").is_file()
     ref = resolve_base(settings)
     assert ref.evolved == current.name and ref.path == current.path / "model.gguf"
     assert result["candidate_size_mb"] < result["serving_size_mb"]
 
-    # The report: a table row per stage and a PNG beside the run.
-    code, out, err = cli("evolve", "report", str(result["run_id"]), "--json")
-    assert code == 0, err
-    report = json.loads(out)
-    assert [r["stage"] for r in report["rows"]] == ["serving", "merge", "distil", "prune",
-                                                    "quantize", "quantize"]
+    # The report: a table row per stage and type, a PNG beside the run.
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, out, err = cli("evolve", "report", env={"COLUMNS": "200"})
-    assert code == 0 and "quantize" in out and "q4_k_m" in out and "promoted" in out, out + err
+    assert [c["sparsity"] for c in report["prune_curve"]][:2] == [0.0, 0.2]
+    code, out, err = cli("evolve", "report", env={"COLUMNS": "250"})
+    assert code == 0 and "distil" in out and "q4_k_m" in out and "promoted" in out, out + err
 
-    # Next month starts from the evolved base (its full-precision copy). A run that wrecks the
-    # student (absurd learning rate) is rejected by the gate and the promoted base stays.
+    # Next month starts from the evolved base (its full-precision copy), with no adapter for it:
+    # its merged q4_k_m is the served file itself, not a candidate. A run that wrecks the student
+    # (absurd learning rate) is rejected by the gate and the promoted base stays.
     again = _evolve(cli, env={"MILTON_EVOLVE__DISTIL_LR": "50", "MILTON_EVOLVE__QUALITY_THRESHOLD": "0.9",
+                              "MILTON_EVOLVE__PROMOTE_TYPE": won[0]["format"],
+                              "MILTON_EVOLVE__QUANTIZATIONS": json.dumps([won[0]["format"]]),
                               "MILTON_EVOLVE__PRUNE_METHOD": "none", "MILTON_EVOLVE__KEEP_STAGES": "false"})
     assert again["status_detail"] == "rejected", again
     assert "perplexity" in again["reason"], again["reason"]

@@ -61,7 +61,7 @@ def train_cfg() -> TrainConfig:
 def evolve_cfg(**overrides) -> EvolveConfig:
     """Big steps, few recovery steps: the tiny model keeps 40% sparsity, not 60% (see below)."""
     values = dict(prune_method="wanda", prune_step=0.2, prune_max=0.8, recovery_steps=10,
-                  calibration_items=32, quality_threshold=0.9, distil_lr=1e-3)
+                  calibration_items=32, quality_threshold=0.9, recovery_lr=1e-3)
     values.update(overrides)
     return EvolveConfig(**values)
 
@@ -234,6 +234,19 @@ def test_low_threshold_prunes_up_to_the_maximum(tiny_dir: Path, tmp_path: Path) 
     assert [it["sparsity"] for it in result.iterations] == [0.2, 0.4, 0.6, 0.8]
     assert all(it["accepted"] for it in result.iterations)
     assert sparsity_of(model) == pytest.approx(0.8, abs=1 / 64)
+
+
+def test_no_iteration_starts_after_the_deadline_and_a_new_process_goes_on(tiny_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    import time
+
+    model, tok = load(tiny_dir)
+    cfg = evolve_cfg(quality_threshold=0.01, prune_max=0.4)
+    cut = run_prune(model, tok, tmp_path / "ck", cfg, deadline=time.monotonic() - 1)
+    assert cut.stopped == "budget" and cut.iterations == [] and cut.sparsity == 0.0
+    assert sparsity_of(model) == 0.0
+    again = run_prune(model, tok, tmp_path / "ck", cfg)  # a fresh budget: it goes on
+    assert again.stopped == "max" and again.sparsity == 0.4
 
 
 def test_method_none_changes_nothing(tiny_dir: Path, tmp_path: Path) -> None:

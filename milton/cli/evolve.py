@@ -34,7 +34,8 @@ def evolve_cmd(
     if as_json:
         print_json(result)
     elif result.get("status") == "ok":
-        out.print(f"evolved base {result['version']}: {result['status_detail']} ({result['reason']})\n"
+        out.print(f"evolved base {result['version'] or '(none)'}: {result['status_detail']} "
+                  f"({result['reason']})\n"
                   f"report: milton evolve report {result['run_id']}  (plot: {result['report']})",
                   markup=False, highlight=False)
     else:

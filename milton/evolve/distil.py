@@ -25,6 +25,7 @@ import json
 import math
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,14 @@ from milton.train.loop import (
 STUDENT_WEIGHTS = "model.safetensors"
 
 
+class _OutOfTime(Exception):
+    """Raised from the step hook to leave the training loop at the deadline."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+
 @dataclass
 class DistilResult:
     model: Any = field(repr=False)  # the student, trained, in eval mode
@@ -58,6 +67,7 @@ class DistilResult:
     elapsed_s: float = 0.0
     n_examples: int = 0
     peak_gpu_mb: float | None = None
+    stopped_early: bool = False     # evolve.max_minutes ran out before total_steps
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -67,7 +77,7 @@ class DistilResult:
             "distil_tokens_per_s": round(self.tokens_per_s, 1),
             "distil_peak_rss_mb": round(self.peak_rss_mb, 1),
             "distil_resumed_from": self.resumed_from, "distil_s": round(self.elapsed_s, 2),
-            "distil_examples": self.n_examples,
+            "distil_examples": self.n_examples, "distil_stopped_early": self.stopped_early,
             **({"distil_peak_gpu_mb": round(self.peak_gpu_mb, 1)}
                if self.peak_gpu_mb is not None else {}),
         }
@@ -283,7 +293,8 @@ def _order(examples: list[Example], train_cfg: TrainConfig, total_steps: int) ->
 def distil(teacher: Any, student: Any, tokenizer: Any, items: list[Any], evolve_cfg: EvolveConfig,
            train_cfg: TrainConfig, *, checkpoint_dir: Path, on_step: StepHook | None = None,
            max_steps_override: int | None = None, chat_format: str = "auto",
-           progress: bool | None = None, freeze_embeddings: bool = False) -> DistilResult:
+           progress: bool | None = None, freeze_embeddings: bool = False,
+           deadline: float | None = None) -> DistilResult:
     """Distil ``teacher`` into ``student`` (all its weights) on ``items``; see the module doc.
 
     ``evolve.distil_steps`` optimizer steps (at most ``max_steps_override``); 0 returns the
@@ -292,7 +303,9 @@ def distil(teacher: Any, student: Any, tokenizer: Any, items: list[Any], evolve_
     ``freeze_embeddings`` keeps the input embeddings (and a tied lm_head) as they are: a
     derived student already has the teacher's, and for Gemma 3 270M they are 168M of its
     235M weights, so freezing them saves ~2 GB of gradients and optimizer state and a third
-    of the step time on a CPU.
+    of the step time on a CPU. Past ``deadline`` (``time.monotonic()``) training stops after
+    the current step, checkpointed, and the student as it is then is the result
+    (``stopped_early``); a later call with more time continues from that checkpoint.
     """
     total_steps = plan_distil_steps(evolve_cfg, max_steps_override)
     if total_steps == 0:
@@ -319,6 +332,17 @@ def distil(teacher: Any, student: Any, tokenizer: Any, items: list[Any], evolve_
         loss.backward()
         return float(loss.detach())
 
+    seen: dict[str, Any] = {"losses": [], "tokens": 0, "elapsed_s": 0.0}
+
+    def step_hook(step: int, loss: float, lr: float, tokens: int, elapsed_s: float) -> None:
+        seen["losses"].append(loss)
+        seen["tokens"] += tokens
+        seen["elapsed_s"] = elapsed_s
+        if on_step is not None:
+            on_step(step, loss, lr, tokens, elapsed_s)
+        if deadline is not None and time.monotonic() > deadline and step < total_steps:
+            raise _OutOfTime(step)
+
     try:
         run = train_steps(
             student, examples=examples, total_steps=total_steps, grad_accum=train_cfg.grad_accum,
@@ -328,7 +352,15 @@ def distil(teacher: Any, student: Any, tokenizer: Any, items: list[Any], evolve_
             checkpoint_every=train_cfg.checkpoint_every, weights_file=STUDENT_WEIGHTS,
             weights=lambda: _unique_state(student),
             load_weights=lambda weights: _load_weights(student, weights),
-            fingerprint=fingerprint, on_step=on_step, progress=progress, label="distil")
+            fingerprint=fingerprint, on_step=step_hook, progress=progress, label="distil")
+    except _OutOfTime as stop:  # the last step checkpoint stays for a run with more time
+        student.eval()
+        elapsed = float(seen["elapsed_s"])
+        return DistilResult(
+            model=student, steps=stop.step, tokens=int(seen["tokens"]), loss_history=seen["losses"],
+            tokens_per_s=seen["tokens"] / elapsed if elapsed > 0 else 0.0, resumed_from=None,
+            peak_rss_mb=peak_rss_mb(), total_steps=total_steps, elapsed_s=elapsed,
+            n_examples=len(examples), stopped_early=True)
     finally:
         optimizer.zero_grad(set_to_none=True)
         for p, flag in grad_before:
@@ -343,12 +375,15 @@ def distil(teacher: Any, student: Any, tokenizer: Any, items: list[Any], evolve_
 
 # -- data ---------------------------------------------------------------------------------------
 def teacher_answers(teacher: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int,
-                    chat_format: str = "auto") -> list[dict[str, Any]]:
-    """The teacher's greedy answers as pair items (empty answers skipped)."""
+                    chat_format: str = "auto", deadline: float | None = None) -> list[dict[str, Any]]:
+    """The teacher's greedy answers as pair items (empty answers skipped); no new answer is
+    started after ``deadline`` (``time.monotonic()``)."""
     from milton.train.evaluate import generate
 
     out = []
     for prompt in prompts:
+        if deadline is not None and time.monotonic() > deadline:
+            break
         if not prompt or not prompt.strip():
             continue
         item = {"kind": "pair", "prompt": prompt, "response": ""}

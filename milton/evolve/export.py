@@ -8,6 +8,7 @@ called through llama-cpp-python. Every file is written beside its final name and
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,20 +28,45 @@ FTYPES = {
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
 UNQUANTIZED = "f16"
+#: Tensor types the token embedding (and a tied output layer) can be given: ``q4_k_m+q6_k`` is
+#: q4_k_m with the embedding in q6_k. On Gemma 3 270M the 262k-token embedding is 168M of 268M
+#: weights, so its type decides most of the file's size and the output layer's decode time.
+TENSOR_TYPES = {"f16": 1, "q8_0": 8, "q6_k": 14, "q5_k": 13, "q5_0": 6, "q4_k": 12, "q4_0": 2,
+                "q3_k": 11}
+
+
+def split_type(kind: str) -> tuple[str, str | None]:
+    """``"q4_k_m+q6_k"`` -> ``("q4_k_m", "q6_k")``; ``"q8_0"`` -> ``("q8_0", None)``."""
+    ftype, _, embedding = kind.partition("+")
+    return ftype, embedding or None
 
 
 def check_types(settings: Settings) -> list[str]:
     """evolve.quantizations and evolve.promote_type, validated: one-line errors naming the key."""
     types = [t.lower() for t in settings.evolve.quantizations]
     for i, name in enumerate(types):
-        if name not in FTYPES:
-            raise ConfigError(f"evolve.quantizations[{i}]: unknown GGUF type {name!r} "
+        ftype, embedding = split_type(name)
+        if ftype not in FTYPES:
+            raise ConfigError(f"evolve.quantizations[{i}]: unknown GGUF type {ftype!r} "
                               f"(one of {', '.join(sorted(FTYPES))})")
+        if embedding is not None and embedding not in TENSOR_TYPES:
+            raise ConfigError(f"evolve.quantizations[{i}]: unknown embedding type {embedding!r} "
+                              f"after '+' (one of {', '.join(TENSOR_TYPES)})")
     promote = settings.evolve.promote_type.lower()
-    if promote not in {UNQUANTIZED, *types}:
+    if promote and promote not in {UNQUANTIZED, *types}:
         raise ConfigError(f"evolve.promote_type: {promote!r} is not made by this run "
                           f"(evolve.quantizations = {types}; f16 is always made)")
     return [t for t in dict.fromkeys(types) if t != UNQUANTIZED]
+
+
+def file_type(gguf_path: Path) -> str | None:
+    """The evolve type name (``q4_k_m``...) of a GGUF's ``general.file_type``, if it is one."""
+    import gguf
+    import llama_cpp
+
+    field = gguf.GGUFReader(gguf_path).fields.get("general.file_type")
+    value = int(field.contents()) if field is not None else None
+    return next((name for name, const in FTYPES.items() if getattr(llama_cpp, const) == value), None)
 
 
 def gguf_name(kind: str) -> str:
@@ -51,9 +77,12 @@ def quantize(source: Path, target: Path, kind: str, *, threads: int = 0) -> Path
     """``source`` (an f16/f32 GGUF) quantized to ``kind`` by llama.cpp, written atomically."""
     import llama_cpp
 
+    ftype, embedding = split_type(kind)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPES[kind])
+    params.ftype = getattr(llama_cpp, FTYPES[ftype])
     params.nthread = threads
+    if embedding is not None:
+        params.token_embedding_type = TENSOR_TYPES[embedding]
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -68,8 +97,33 @@ def quantize(source: Path, target: Path, kind: str, *, threads: int = 0) -> Path
     return target
 
 
-def transplant_vocab(reference: Path, target: Path, out: Path) -> Path:
-    """``target`` rewritten with the tokenizer (``tokenizer.*`` keys) of ``reference``.
+def hf_metadata(hf_dir: Path, arch: str) -> dict[str, Any]:
+    """GGUF keys the converter leaves out but llama.cpp needs to run ``hf_dir`` exactly.
+
+    * ``{arch}.attention.sliding_window_pattern``: Gemma 3's per-layer sliding/full attention,
+      from ``layer_types``. Without it llama.cpp assumes every 6th layer is full, which a
+      student made of a subset of the teacher's layers breaks (its full layers move).
+    * ``{arch}.context_length``: ``max_position_embeddings`` when the converter wrote none or 0.
+    """
+    try:
+        config = json.loads((Path(hf_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    config = config.get("text_config") or config
+    out: dict[str, Any] = {}
+    types = config.get("layer_types")
+    if isinstance(types, list) and types and arch.startswith("gemma3"):
+        out[f"{arch}.attention.sliding_window_pattern"] = [t == "sliding_attention" for t in types]
+    context = config.get("max_position_embeddings")
+    if isinstance(context, int) and context > 0:
+        out[f"{arch}.context_length"] = context
+    return out
+
+
+def rewrite_gguf(target: Path, out: Path, *, vocab_from: Path | None = None,
+                 keys: dict[str, Any] | None = None) -> Path:
+    """``target`` rewritten to ``out`` with the tokenizer (``tokenizer.*`` keys) of
+    ``vocab_from`` and with ``keys`` set (see :func:`hf_metadata`); tensors unchanged.
 
     A model loaded from a GGUF comes with a tokenizer transformers rebuilt from it; converted
     back, its merge scores are not the original ones, so llama.cpp would split some words
@@ -79,13 +133,16 @@ def transplant_vocab(reference: Path, target: Path, out: Path) -> Path:
     """
     import gguf
 
-    ref, src = gguf.GGUFReader(reference), gguf.GGUFReader(target)
+    src = gguf.GGUFReader(target)
+    ref = gguf.GGUFReader(vocab_from) if vocab_from is not None else src
     ref_vocab = ref.fields.get("tokenizer.ggml.tokens")
     src_vocab = src.fields.get("tokenizer.ggml.tokens")
     if ref_vocab is None or src_vocab is None or len(ref_vocab.data) != len(src_vocab.data):
-        raise ConversionError(f"{target.name}: its vocabulary does not match {reference.name}'s")
+        raise ConversionError(f"{target.name}: its vocabulary does not match "
+                              f"{Path(vocab_from or target).name}'s")
     arch = str(src.fields["general.architecture"].contents())
     writer = gguf.GGUFWriter(str(out), arch=arch, endianess=src.endianess)
+    keys = dict(keys or {})
 
     def copy(reader: Any, keep: Callable[[str], bool]) -> None:
         for field in reader.fields.values():
@@ -95,8 +152,18 @@ def transplant_vocab(reference: Path, target: Path, out: Path) -> Path:
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
 
-    copy(src, lambda name: not name.startswith("tokenizer."))
+    context = src.fields.get(f"{arch}.context_length")
+    if context is not None and int(context.contents() or 0) > 0:
+        keys.pop(f"{arch}.context_length", None)  # the converter's own value stands
+    copy(src, lambda name: not name.startswith("tokenizer.") and name not in keys)
     copy(ref, lambda name: name.startswith("tokenizer."))
+    for name, value in keys.items():
+        if isinstance(value, list):
+            writer.add_array(name, value)
+        elif isinstance(value, bool):
+            writer.add_bool(name, value)
+        else:
+            writer.add_uint32(name, int(value))
     for tensor in src.tensors:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                tensor.tensor_type)
@@ -120,10 +187,14 @@ def export_ggufs(settings: Settings, hf_dir: Path, out_dir: Path, types: Sequenc
         tmp = out_dir / f".{f16.name}.tmp"
         tmp.unlink(missing_ok=True)
         hf_to_gguf(settings, hf_dir, tmp, outtype="f16")
-        if vocab_from is not None:
-            fixed = out_dir / f".{f16.name}.vocab.tmp"
+        import gguf
+
+        arch = str(gguf.GGUFReader(tmp).fields["general.architecture"].contents())
+        keys = hf_metadata(hf_dir, arch)
+        if vocab_from is not None or keys:
+            fixed = out_dir / f".{f16.name}.fixed.tmp"
             try:
-                transplant_vocab(vocab_from, tmp, fixed)
+                rewrite_gguf(tmp, fixed, vocab_from=vocab_from, keys=keys)
                 os.replace(fixed, tmp)
             finally:
                 fixed.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Should the evolved GGUF replace the model serve runs? Only if it is worth it and no worse.
+"""Which evolved GGUF, if any, should replace the model serve runs? Only one worth it and no worse.
 
 Quality is the serving model's perplexity over the candidate's (1.0 = as good, 0.9 = its
 perplexity is 11% higher), on the held-out set and on the general regression set, both measured
@@ -58,3 +58,59 @@ def decide(candidate: dict[str, Any], serving: dict[str, Any], cfg: EvolveConfig
         gains.append(f"{speed_ratio:.2f}x faster")
     return Decision(True, f"{' and '.join(gains)}, keeping {checks['eval_quality']:.0%} of held-out "
                     f"and {checks['regression_quality']:.0%} of regression quality", checks)
+
+
+#: Candidates whose tokens/s are within this factor of the fastest are "as fast" (timings jitter);
+#: among those the smaller wins.
+TIE_SPEED = SPEED_MARGIN
+
+
+def label(candidate: dict[str, Any]) -> str:
+    """``stage format``, e.g. ``merge q8_0``: how the report names a candidate."""
+    return f"{candidate.get('stage', '?')} {candidate.get('format', '?')}"
+
+
+def choose(candidates: list[dict[str, Any]], serving: dict[str, Any],
+           cfg: EvolveConfig) -> tuple[Decision, dict[str, Any] | None, list[dict[str, Any]]]:
+    """The candidate to promote among every measured one, by the rule written in RULE.
+
+    Returns (decision, winner or None, one verdict per candidate: ``{"candidate", "qualifies",
+    "won", "why"}``). A candidate qualifies when :func:`decide` promotes it against the serving
+    model; the winner is the fastest qualifying one, where candidates within ``TIE_SPEED`` of the
+    fastest count as equally fast and the smallest of them wins (then the better held-out
+    quality). Nothing qualifying is a rejection whose reason lists why each candidate failed.
+    """
+    decided = [(c, decide(c, serving, cfg)) for c in candidates]
+    qualifying = [(c, d) for c, d in decided if d.promote]
+    verdicts: list[dict[str, Any]] = []
+    if not qualifying:
+        for c, d in decided:
+            verdicts.append({"candidate": label(c), "qualifies": False, "won": False, "why": d.reason})
+        reason = "no candidate qualifies: " + "; ".join(
+            f"{label(c)}: {d.reason}" for c, d in decided) if decided else "no candidate was measured"
+        return Decision(False, reason, {"threshold": cfg.quality_threshold, "rule": RULE}), None, verdicts
+    fastest = max(float(c["tokens_per_s"]) for c, _ in qualifying)
+    band = [(c, d) for c, d in qualifying if float(c["tokens_per_s"]) * TIE_SPEED >= fastest]
+    winner, decision = min(band, key=lambda cd: (cd[0]["size_mb"], -(cd[1].checks.get("eval_quality") or 0)))
+    for c, d in decided:
+        if c is winner:
+            why = f"won: {d.reason}"
+        elif not d.promote:
+            why = d.reason
+        elif float(c["tokens_per_s"]) * TIE_SPEED < fastest:
+            why = (f"qualifies but slower: {c['tokens_per_s']:.1f} tokens/s vs the winner's "
+                   f"{winner['tokens_per_s']:.1f}")
+        elif c["size_mb"] > winner["size_mb"]:
+            why = f"qualifies and as fast, but larger: {c['size_mb']:.1f} MB vs {winner['size_mb']:.1f} MB"
+        else:
+            why = "qualifies, as fast and as small; the winner keeps more held-out quality"
+        verdicts.append({"candidate": label(c), "qualifies": d.promote, "won": c is winner, "why": why})
+    checks = {**decision.checks, "winner": label(winner), "rule": RULE}
+    return Decision(True, f"{label(winner)}: {decision.reason}", checks), winner, verdicts
+
+
+RULE = (f"a candidate qualifies when it keeps quality_threshold of the serving model's held-out and "
+        f"regression quality (serving ppl / candidate ppl) and is at least {1 / SIZE_MARGIN - 1:.0%} "
+        f"smaller or {SPEED_MARGIN - 1:.0%} faster (decode tokens/s) than the serving model; "
+        f"the fastest qualifying candidate wins, those within {TIE_SPEED - 1:.0%} of the fastest "
+        f"count as equally fast and the smallest of them wins")

@@ -1,11 +1,16 @@
-"""The monthly evolve job: merge -> distil -> prune -> export/quantize, each stage measured.
+"""The monthly evolve job: merge + quantize, then distil, then prune; the gate picks the best.
 
-One ``evolve_runs`` row per attempt; its work lives in ``data/evolve/run-<id>/``. Every stage
-writes its output into a temporary directory renamed into ``<stage>/`` with a ``stage.json``
-(its metrics) once complete, so a run killed at any moment is resumed by the next job run:
-finished stages are kept, distillation and pruning continue from their last checkpoint. The
-final GGUF is published as an artifact of kind ``base`` and becomes serve's base (and
-train-lora's) only when the gate says it keeps the quality and is smaller or faster.
+One ``evolve_runs`` row per attempt; its work lives in ``data/evolve/run-<id>/``. Every model
+stage (``merge``, ``distil``, ``prune``) writes a Hugging Face model directory and its GGUFs
+(f16 and each of ``evolve.quantizations``), every one measured in llama.cpp, into a temporary
+directory renamed into ``<stage>/`` with a ``stage.json`` once complete, so a run killed at any
+moment is resumed by the next job run: finished stages are kept, distillation and pruning
+continue from their last checkpoint. The quick wins come first (the merged model quantized:
+minutes), the expensive stages after, within ``evolve.max_minutes``; so a run cut short still
+has candidates. The gate (:func:`milton.evolve.gate.choose`) sees every stage in every type
+and promotes the best one that keeps the quality and is smaller or faster than what serve runs
+(base + adapter); it is published as an artifact of kind ``base`` and becomes serve's base
+(and train-lora's) only then.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,6 @@ from milton.evolve.runs import (
     STAGE_FILE,
     base_store,
     finish,
-    read_stage,
     run_dir,
     run_stage,
 )
@@ -38,6 +43,12 @@ from milton.models.layout import ADAPTER_GGUF, BASE_GGUF, BASE_HF
 from milton.models.refs import BaseModelRef
 
 TEACHER_FILE = "teacher.jsonl"
+#: llama.cpp's perplexity of an exported f16 GGUF must be within this of the HF model's, or the
+#: stage's GGUFs are not candidates (the file would not run the model that was measured).
+EXPORT_TOLERANCE = 0.005
+#: Shares of evolve.max_minutes after which distillation, then pruning, stop; the rest is for
+#: measuring their GGUFs and the gate.
+DISTIL_SHARE, PRUNE_SHARE = 0.5, 0.8
 
 
 def _hf(path: Path, like: BaseModelRef | None = None) -> BaseModelRef:
@@ -48,15 +59,16 @@ class _Pipeline:
     """One evolve run's stages, sharing the settings, data and measuring of one process."""
 
     def __init__(self, ctx: JobContext, source: Source, run_id: int, work: Path,
-                 max_steps: int | None) -> None:
+                 max_steps: int | None, types: list[str]) -> None:
         from milton.train.dataset import full_dataset
 
         self.ctx, self.settings, self.cfg = ctx, ctx.settings, ctx.settings.evolve
         self.source, self.run_id, self.work, self.max_steps = source, run_id, work, max_steps
+        self.types, self.started = types, time.monotonic()
         self.dataset = full_dataset(ctx.db, self.settings, max_eval=self.cfg.eval_items)
         self.threads = self.settings.serve.n_threads or _cpus()
         self._examples: tuple[list[Any], list[Any]] | None = None
-        # A GGUF source keeps its exact tokenizer in every exported GGUF (see transplant_vocab).
+        # A GGUF source keeps its exact tokenizer in every exported GGUF (see rewrite_gguf).
         self.vocab_from = source.base.path if source.base.kind == "gguf" else None
 
     # -- shared --------------------------------------------------------------------------------
@@ -85,13 +97,51 @@ class _Pipeline:
         return measure_gguf(gguf, eval_ex, reg_ex, threads=self.threads,
                             bench_tokens=self.cfg.bench_tokens, lora=lora)
 
-    def measure_hf(self, directory: Path, tokenizer: Any) -> dict[str, Any]:
-        """A model directory measured as an f16 GGUF in llama.cpp (kept in the directory)."""
-        from milton.evolve.export import UNQUANTIZED, export_ggufs
+    def candidates(self, directory: Path, tokenizer: Any, model: Any) -> dict[str, Any]:
+        """The stage in ``directory`` exported (f16 and every quantization) and measured.
 
-        files = export_ggufs(self.settings, directory, directory, [], threads=self.threads,
+        Its f16 GGUF must tokenise like the serving base and give llama.cpp's perplexity within
+        ``EXPORT_TOLERANCE`` of the HF model's on the held-out items; otherwise none of its
+        GGUFs is a candidate (``excluded`` says why) and the run goes on with the others.
+        """
+        from milton.evolve.export import UNQUANTIZED, export_ggufs, gguf_name
+        from milton.evolve.measure import same_tokenizer
+        from milton.train.evaluate import perplexity
+
+        files = export_ggufs(self.settings, directory, directory, self.types, threads=self.threads,
                              vocab_from=self.vocab_from)
-        return {"format": UNQUANTIZED, **self.measure(files[UNQUANTIZED], tokenizer)}
+        measured = {UNQUANTIZED: self.measure(files[UNQUANTIZED], tokenizer)}
+        excluded = None
+        texts = [str(getattr(i, "response", "")) for i in self.dataset.eval[:16]]
+        if self.source.base.kind == "gguf":
+            differs = same_tokenizer(self.source.base.path, files[UNQUANTIZED], texts)
+            if differs is not None:
+                excluded = (f"the exported GGUF tokenises text differently from the base "
+                            f"{self.source.base.name} (e.g. {differs[:40]!r})")
+        hf_ppl = perplexity(model, tokenizer, list(self.dataset.eval), self.settings.train,
+                            chat_format=self.settings.model.chat_format)
+        gguf_ppl = measured[UNQUANTIZED]["eval_ppl"]
+        drift = abs(gguf_ppl / hf_ppl - 1) if hf_ppl and gguf_ppl else None
+        if excluded is None and (drift is None or drift > EXPORT_TOLERANCE):
+            excluded = (f"llama.cpp's perplexity of the exported f16 ({gguf_ppl}) differs from the "
+                        f"HF model's ({hf_ppl}) by more than {EXPORT_TOLERANCE:.1%}")
+        same = None
+        if directory.name.lstrip(".").startswith("merge") and self.source.adapter_dir is None \
+                and self.source.base.kind == "gguf":
+            from milton.evolve.export import file_type
+
+            same = file_type(self.source.base.path)  # no adapter: this type is the served file
+        if excluded is None:
+            for kind in self.types:
+                if kind == same:
+                    continue
+                self.ctx.log(f"measuring {kind}", evolve_run=self.run_id, model_dir=directory.name)
+                measured[kind] = self.measure(files[kind], tokenizer)
+        return {"format": UNQUANTIZED, **measured[UNQUANTIZED], "hf_eval_ppl": hf_ppl,
+                "not_offered": ({same: "no adapter to merge: the serving model itself"}
+                                if same in measured or same in self.types else {}),
+                "export_drift": drift, "excluded": excluded, "types": measured,
+                "files": {k: gguf_name(k) for k in measured}}
 
     def log(self, msg: str, **fields: Any) -> None:
         self.ctx.log(msg, evolve_run=self.run_id, **fields)
@@ -112,9 +162,10 @@ class _Pipeline:
         model, tokenizer = load_merged(self.settings, self.source)
         like = self.source.load_from.path if self.source.load_from.kind == "hf" else None
         save_model(model, tokenizer, out, like=like)
+        info = self.candidates(out, tokenizer, model)
         del model
         return {"stage": "merge", "model_dir": "merge", "adapter_version": self.source.adapter_version,
-                "layers": _layers(out), **self.measure_hf(out, tokenizer)}
+                "layers": _layers(out), **info}
 
     def teacher_items(self, teacher: Any, tokenizer: Any) -> list[dict[str, Any]]:
         """Teacher answers to prompts drawn from memory topics, generated once per run."""
@@ -124,8 +175,11 @@ class _Pipeline:
         if path.is_file():
             return _read_jsonl(path)
         prompts = topic_prompts(self.ctx.db, self.cfg.teacher_prompts, seed=self.settings.train.seed)
+        until = self.deadline(DISTIL_SHARE)  # a third of the time left for distillation, at most
+        until = None if until is None else time.monotonic() + (until - time.monotonic()) / 3
         items = teacher_answers(teacher, tokenizer, prompts, max_new_tokens=self.cfg.teacher_max_new_tokens,
-                                chat_format=self.settings.model.chat_format) if prompts else []
+                                chat_format=self.settings.model.chat_format,
+                                deadline=until) if prompts else []
         data = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items)
         atomic_write_bytes(path, data.encode("utf-8"))
         return items
@@ -145,7 +199,7 @@ class _Pipeline:
         result = distil(teacher, student, tokenizer, items, self.cfg, tcfg,
                         checkpoint_dir=self.work / "distil-checkpoints", on_step=self._hook("distil"),
                         max_steps_override=self.max_steps, chat_format=fmt,
-                        freeze_embeddings=not self.cfg.train_embeddings)
+                        freeze_embeddings=not self.cfg.train_embeddings, deadline=self.deadline(DISTIL_SHARE))
         kl_after = mean_kl(teacher, result.model, tokenizer, list(self.dataset.eval), tcfg, chat_format=fmt)
         save_model(result.model, tokenizer, out, like=teacher_dir)
         del teacher, student
@@ -154,7 +208,7 @@ class _Pipeline:
                 "layers": _layers(out), "teacher_layers": _layers(teacher_dir),
                 "kl_before": kl_before, "kl_after": kl_after,
                 **result.metrics(),
-                **self.measure_hf(out, tokenizer)}
+                **self.candidates(out, tokenizer, result.model)}
 
     def prune(self, previous: Path, out: Path) -> dict[str, Any]:
         from milton.evolve.merge import save_model
@@ -169,38 +223,25 @@ class _Pipeline:
             model, tokenizer, calib_items=train[:self.cfg.calibration_items], train_items=train,
             eval_items=list(self.dataset.eval), evolve_cfg=self.cfg, train_cfg=self.settings.train,
             checkpoint_dir=self.work / "prune-checkpoints", chat_format=self.settings.model.chat_format,
-            freeze_embeddings=not self.cfg.train_embeddings)
-        save_model(result.model, tokenizer, out, like=previous)
-        return {"stage": "prune", "model_dir": "prune", "method": self.cfg.prune_method,
+            freeze_embeddings=not self.cfg.train_embeddings, deadline=self.deadline(PRUNE_SHARE))
+        info = {"stage": "prune", "model_dir": "prune", "method": self.cfg.prune_method,
+                "pruned_from": previous.name, "recovery_lr": self.cfg.recovery_lr,
                 "sparsity": result.sparsity, "stopped": result.stopped, "start_ppl": result.start_ppl,
-                "iterations": result.iterations, "layers": _layers(out),
-                **self.measure_hf(out, tokenizer)}
+                "iterations": result.iterations, "layers": _layers(previous)}
+        if not result.sparsity:  # nothing kept: the same weights as `previous`, already measured
+            why = ("evolve.max_minutes ran out before the first iteration" if result.stopped == "budget"
+                   else f"no iteration kept quality_threshold ({result.stopped})")
+            return {**info, "excluded": f"{why}: the same weights as {previous.name}"}
+        save_model(result.model, tokenizer, out, like=previous)
+        return {**info, **self.candidates(out, tokenizer, result.model)}
 
-    def export(self, previous: Path, out: Path, types: list[str], tokenizer: Any) -> dict[str, Any]:
-        from milton.evolve.export import UNQUANTIZED, export_ggufs, gguf_name
-        from milton.evolve.measure import same_tokenizer
+    def deadline(self, share: float) -> float | None:
+        """time.monotonic() at which ``share`` of evolve.max_minutes is spent (None: no budget)."""
+        return self.started + share * self.cfg.max_minutes * 60 if self.cfg.max_minutes else None
 
-        measured_f16 = previous / gguf_name(UNQUANTIZED)
-        if measured_f16.is_file():  # made when the previous stage was measured
-            _link_or_copy(measured_f16, out / measured_f16.name)
-        files = export_ggufs(self.settings, previous, out, types, threads=self.threads,
-                             vocab_from=self.vocab_from)
-        texts = [str(getattr(i, "response", "")) for i in self.dataset.eval[:16]]
-        reference = (self.source.base.path if self.source.base.kind == "gguf"
-                     else self.work / "merge" / gguf_name(UNQUANTIZED))
-        differs = same_tokenizer(reference, files[UNQUANTIZED], texts)
-        if differs is not None:
-            from milton.models.convert import ConversionError
-
-            raise ConversionError(f"the exported GGUF tokenises text differently from the base "
-                                  f"{self.source.base.name} (e.g. {differs[:40]!r})")
-        prior = read_stage(previous.parent, previous.name) or {}
-        measured = {UNQUANTIZED: {k: v for k, v in prior.items()
-                                  if k in ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s",
-                                           "prompt_tokens_per_s")}}
-        for kind in types:
-            measured[kind] = self.measure(files[kind], tokenizer)
-        return {"stage": "export", "files": {k: gguf_name(k) for k in files}, "types": measured}
+    def out_of_time(self, share: float) -> bool:
+        deadline = self.deadline(share)
+        return deadline is not None and time.monotonic() >= deadline
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -266,31 +307,37 @@ def evolve_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, An
         "adapter_version": source.adapter_version}).last_pk)
     work = run_dir(settings, run_id)
     work.mkdir(parents=True, exist_ok=True)
-    pipe = _Pipeline(ctx, source, run_id, work, max_steps)
+    pipe = _Pipeline(ctx, source, run_id, work, max_steps, types)
     ctx.log("evolve", evolve_run=run_id, resumed=resumed is not None, source=source.base.name,
-            adapter=source.adapter_version, **pipe.dataset.counts())
+            adapter=source.adapter_version, max_minutes=cfg.max_minutes, **pipe.dataset.counts())
 
+    # The quick wins first: the merged model in every type (minutes), then what serve runs now.
     stages: dict[str, dict[str, Any]] = {}
-    pipe.log("merging", stage="merge")
+    pipe.log("merging and quantizing", stage="merge")
     stages["merge"] = run_stage(work, "merge", pipe.merge)
+    pipe.log("measuring the serving model", stage="serving")
+    serving = _serving(pipe, _tokenizer(work / "merge"), stages["merge"])
     model_dir = work / "merge"
-    if cfg.distil_steps > 0:
+    if cfg.distil_steps <= 0:
+        stages["distil"] = {"stage": "distil", "skipped": "evolve.distil_steps is 0"}
+    elif pipe.out_of_time(DISTIL_SHARE) and not (work / "distil" / STAGE_FILE).is_file():
+        stages["distil"] = {"stage": "distil", "skipped": f"evolve.max_minutes: {DISTIL_SHARE:.0%} "
+                            f"of {cfg.max_minutes:g} minutes spent before it could start"}
+    else:
         pipe.log("distilling", stage="distil")
         stages["distil"] = run_stage(work, "distil", pipe.distil)
         model_dir = work / "distil"
-    if cfg.prune_method != "none":
+    if cfg.prune_method == "none":
+        stages["prune"] = {"stage": "prune", "skipped": "evolve.prune_method is none"}
+    elif pipe.out_of_time(PRUNE_SHARE) and not (work / "prune" / STAGE_FILE).is_file():
+        stages["prune"] = {"stage": "prune", "skipped": f"evolve.max_minutes: {PRUNE_SHARE:.0%} "
+                           f"of {cfg.max_minutes:g} minutes spent before it could start"}
+    else:
         pipe.log("pruning", stage="prune")
         previous = model_dir
         stages["prune"] = run_stage(work, "prune", lambda out: pipe.prune(previous, out))
-        model_dir = work / "prune"
-    tokenizer = _tokenizer(model_dir)
-    pipe.log("exporting", stage="export")
-    final_dir = model_dir
-    stages["export"] = run_stage(work, "export",
-                                 lambda out: pipe.export(final_dir, out, types, tokenizer))
-    pipe.log("measuring the serving model", stage="gate")
-    serving = _serving(pipe, tokenizer, stages["merge"])
-    return _gate_and_publish(ctx, pipe, stages, serving, final_dir)
+    pipe.log("choosing", stage="gate")
+    return _gate_and_publish(ctx, pipe, stages, serving)
 
 
 def _require_data(db: sqlite_utils.Database, settings: Settings) -> None:
@@ -327,51 +374,73 @@ def _serving(pipe: _Pipeline, tokenizer: Any, merged: dict[str, Any]) -> dict[st
     return {"stage": "serving", "name": name, **pipe.measure(pipe.source.base.path, tokenizer, lora)}
 
 
+def stage_candidates(stages: dict[str, dict[str, Any]], only: str = "") -> list[dict[str, Any]]:
+    """Every measured GGUF of every stage that was not excluded, as the gate sees them
+    (``stage``, ``format``, the figures); ``only`` keeps one GGUF type."""
+    out = []
+    for name, info in stages.items():
+        if info.get("skipped") or info.get("excluded"):
+            continue
+        for kind, figures in (info.get("types") or {}).items():
+            if (not only or kind == only) and kind not in (info.get("not_offered") or {}):
+                out.append({"stage": name, "format": kind, **figures})
+    return out
+
+
 def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[str, Any]],
-                      serving: dict[str, Any], final_dir: Path) -> dict[str, Any]:
+                      serving: dict[str, Any]) -> dict[str, Any]:
     from milton.core.notify import notify
     from milton.evolve.export import gguf_name
-    from milton.evolve.gate import decide
+    from milton.evolve.gate import choose, quality
     from milton.evolve.report import build_report, write_plot
 
     settings, cfg, work = pipe.settings, pipe.cfg, pipe.work
-    kind = cfg.promote_type.lower()
-    exported = stages["export"]["types"]
-    candidate = exported[kind] if kind in exported else exported["f16"]
-    decision = decide(candidate, serving, cfg)
-    report = build_report(pipe.run_id, stages, serving, decision, promote_type=kind)
+    candidates = stage_candidates(stages, cfg.promote_type.lower())
+    decision, winner, verdicts = choose(candidates, serving, cfg)
+    report = build_report(pipe.run_id, stages, serving, decision, verdicts=verdicts)
     atomic_write_json(work / REPORT_JSON, report)
     write_plot(report, work / REPORT_PNG)
+    # Rejected: the candidate nearest to qualifying (best held-out quality) is kept, not current.
+    chosen = winner or max(candidates, key=lambda c: quality(serving.get("eval_ppl"), c.get("eval_ppl")) or 0,
+                           default=None)
+    version_name = None
+    if chosen is not None:
+        stage_dir, kind = work / chosen["stage"], chosen["format"]
 
-    def build(tmp: Path) -> None:
-        _link_or_copy(work / "export" / gguf_name(kind), tmp / BASE_GGUF)
-        _copy_half(final_dir, tmp / BASE_HF)
-        shutil.copyfile(work / REPORT_JSON, tmp / REPORT_JSON)
-        shutil.copyfile(work / REPORT_PNG, tmp / REPORT_PNG)
+        def build(tmp: Path) -> None:
+            _link_or_copy(stage_dir / gguf_name(kind), tmp / BASE_GGUF)
+            _copy_half(stage_dir, tmp / BASE_HF)
+            shutil.copyfile(work / REPORT_JSON, tmp / REPORT_JSON)
+            shutil.copyfile(work / REPORT_PNG, tmp / REPORT_PNG)
 
-    version = base_store(settings).publish(
-        build, metrics={**candidate, "decision": "promoted" if decision.promote else "rejected"},
-        data_window={"train_items": len(pipe.dataset.train), "eval_items": len(pipe.dataset.eval)},
-        extra={"source": pipe.source.as_dict(), "evolve_run": pipe.run_id, "gguf_type": kind,
-               "gate": {"promote": decision.promote, "reason": decision.reason,
-                        "against": serving["name"], "checks": decision.checks},
-               "stages": report["rows"]},
-        make_current=decision.promote)
+        version = base_store(settings).publish(
+            build, metrics={**chosen, "decision": "promoted" if decision.promote else "rejected"},
+            data_window={"train_items": len(pipe.dataset.train), "eval_items": len(pipe.dataset.eval)},
+            extra={"source": pipe.source.as_dict(), "evolve_run": pipe.run_id, "gguf_type": kind,
+                   "stage": chosen["stage"],
+                   "gate": {"promote": decision.promote, "reason": decision.reason,
+                            "against": serving["name"], "checks": decision.checks,
+                            "verdicts": verdicts},
+                   "stages": report["rows"]},
+            make_current=decision.promote)
+        version_name = version.name
     status = "promoted" if decision.promote else "rejected"
     finish(ctx.db, pipe.run_id, status, reason=decision.reason,
-            metrics={"candidate": candidate, "serving": serving, "rows": report["rows"]},
-            version=version.name)
+            metrics={"candidate": chosen, "serving": serving, "rows": report["rows"],
+                     "verdicts": verdicts},
+            version=version_name)
     if not cfg.keep_stages:
         _clean(work)
-    title = f"milton: evolved base {version.name} {status}"
+    title = f"milton: evolved base {version_name or '(none)'} {status}"
     if decision.promote:
         notify(settings, "promotion", title, decision.reason)
     else:
         notify(settings, "rejection", title, f"{decision.reason}; {serving['name']} keeps serving")
-    ctx.log(f"evolved base {version.name} {status}", reason=decision.reason)
-    return {"status_detail": status, "version": version.name, "reason": decision.reason,
+    ctx.log(f"evolved base {version_name} {status}", reason=decision.reason)
+    return {"status_detail": status, "version": version_name, "reason": decision.reason,
             "run_id": pipe.run_id, "report": str(work / REPORT_PNG),
-            **{f"candidate_{k}": v for k, v in candidate.items()},
+            "winner": decision.checks.get("winner"),
+            **{f"candidate_{k}": v for k, v in (chosen or {}).items()},
             **{f"serving_{k}": v for k, v in serving.items() if k != "stage"}}
 
 

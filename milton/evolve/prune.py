@@ -13,7 +13,7 @@ this makes little difference).
 
 **Iterations.** :func:`iterative_prune` raises every layer's sparsity by ``prune_step`` at a
 time up to ``prune_max``; each step prunes (weights already zero stay zero), fine-tunes every
-parameter (optionally all but the embeddings) for ``recovery_steps`` with the pruned weights
+parameter (optionally all but the embeddings) for ``recovery_steps`` at ``recovery_lr`` with the pruned weights
 held at exactly zero, and measures quality = start perplexity / perplexity on the eval items.
 The first iteration whose quality falls below ``quality_threshold`` is undone and ends the run.
 
@@ -42,6 +42,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ class PruneResult:
     model: Any                          # the pruned (and recovered) model, last accepted state
     sparsity: float                     # sparsity of the last accepted iteration (0 if none)
     iterations: list[dict[str, Any]]    # sparsity, ppl, quality, accepted, recovery_loss
-    stopped: str                        # 'threshold' | 'max' | 'none' (method none)
+    stopped: str                        # 'threshold' | 'max' | 'budget' | 'none' (method none)
     start_ppl: float | None             # eval perplexity before any pruning
     resumed_from: int | None            # accepted iterations a checkpoint supplied, if any
     masks: dict[str, Any] = field(default_factory=dict, repr=False)  # keep-masks, per layer
@@ -365,7 +366,7 @@ def _fingerprint(model: Any, sets: dict[str, list[Example]], evolve_cfg: EvolveC
     settings = {
         "evolve": {k: getattr(evolve_cfg, k) for k in (
             "prune_method", "prune_step", "prune_max", "recovery_steps", "calibration_items",
-            "quality_threshold", "distil_lr")},
+            "quality_threshold", "recovery_lr")},
         "train": {k: getattr(train_cfg, k) for k in (
             "batch_size", "grad_accum", "max_seq_len", "seed", "warmup_ratio")},
         "chat_format": chat_format, "freeze_embeddings": freeze_embeddings,
@@ -407,6 +408,7 @@ class _Run:
     fingerprint: str
     on_iteration: IterationHook | None
     freeze_embeddings: bool = False
+    deadline: float | None = None       # time.monotonic() after which no iteration starts
     update: Callable[..., None] = lambda **_: None  # the progress bar
     accepted: int = 0                   # accepted iterations so far
     iterations: list[dict[str, Any]] = field(default_factory=list)
@@ -430,11 +432,12 @@ def iterative_prune(model: Any, tokenizer: Any, *, calib_items: list[Any],
                     train_items: list[Any], eval_items: list[Any], evolve_cfg: EvolveConfig,
                     train_cfg: TrainConfig, checkpoint_dir: Path, chat_format: str = "auto",
                     on_iteration: IterationHook | None = None, freeze_embeddings: bool = False,
-                    progress: bool | None = None) -> PruneResult:
+                    progress: bool | None = None, deadline: float | None = None) -> PruneResult:
     """Prune ``model`` in place step by step while it keeps ``quality_threshold``; see module.
 
     Calibration uses the first ``calibration_items`` of ``calib_items``; recovery fine-tunes
-    on ``train_items`` at ``distil_lr``. ``on_iteration(record)`` is called after each
+    on ``train_items`` at ``recovery_lr``. No iteration starts after ``deadline``
+    (``time.monotonic()``; the run then stops as ``budget``, keeping its accepted iterations). ``on_iteration(record)`` is called after each
     iteration is evaluated (and checkpointed, if accepted). A checkpoint of a run that already
     ended returns its result at once. ``freeze_embeddings``: see :func:`recover`; ``progress``
     (a bar over the recovery steps) defaults to "stderr is a terminal". Raises ValueError when
@@ -455,7 +458,8 @@ def iterative_prune(model: Any, tokenizer: Any, *, calib_items: list[Any],
         raise ValueError("wanda pruning needs calibration items with tokens")
     fingerprint = _fingerprint(model, sets, evolve_cfg, train_cfg, resolved, freeze_embeddings)
     run = _Run(model, tokenizer, sets, list(eval_items), evolve_cfg, train_cfg,
-               Path(checkpoint_dir), resolved, fingerprint, on_iteration, freeze_embeddings)
+               Path(checkpoint_dir), resolved, fingerprint, on_iteration, freeze_embeddings,
+               deadline=deadline)
     if not _resume(run):
         run.start_ppl = run.ppl()
     if run.stopped is None:
@@ -482,6 +486,8 @@ def _resume(run: _Run) -> bool:
     run.accepted = run.resumed_from = int(state["accepted"])
     run.iterations, run.start_ppl = state["iterations"], state["start_ppl"]
     run.stopped = state.get("stopped")
+    if run.stopped == "budget":  # a new process, a new budget: go on
+        run.stopped = None
     run.masks = {name: keep.to(device) for name, keep in blob["masks"].items()}
     return True
 
@@ -490,6 +496,10 @@ def _iterate(run: _Run) -> None:
     """Prune -> recover -> evaluate from iteration ``accepted + 1`` on, until a stop."""
     targets = schedule(run.evolve_cfg)
     for k in range(run.accepted + 1, len(targets) + 1):
+        if run.deadline is not None and time.monotonic() > run.deadline:
+            run.stopped = "budget"
+            _finish(run)
+            return
         before = _snapshot(run.model)
         masks, record = _one_iteration(run, k, targets[k - 1])
         run.iterations.append(record)
@@ -524,7 +534,7 @@ def _one_iteration(run: _Run, k: int, target: float) -> tuple[dict[str, Any], di
             run.update(completed=done, loss=f"{loss:.3f}")
 
         losses = _recover(run.model, run.tokenizer, run.sets["train"], masks, cfg.recovery_steps,
-                          cfg.distil_lr, run.train_cfg, run.train_cfg.seed + k,
+                          cfg.recovery_lr, run.train_cfg, run.train_cfg.seed + k,
                           run.freeze_embeddings, step)
     ppl = run.ppl()
     quality = run.start_ppl / ppl if ppl else 0.0

@@ -33,31 +33,59 @@ def _row(stage: str, fmt: str, figures: dict[str, Any], serving: dict[str, Any] 
     return row
 
 
-def stage_rows(stages: dict[str, dict[str, Any]], serving: dict[str, Any] | None) -> list[dict[str, Any]]:
+def stage_rows(stages: dict[str, dict[str, Any]], serving: dict[str, Any] | None,
+               verdicts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row for what serve runs, then one per stage and GGUF type (a skipped or excluded
+    stage: one row saying why), each with the gate's verdict when there is one."""
+    from milton.evolve.gate import label
+
+    why = {v["candidate"]: v for v in verdicts or []}
     rows = []
     if serving is not None:
         rows.append(_row("serving", serving.get("name", "current"), serving, serving))
-    for name in ("merge", "distil", "prune"):
+    for name in STAGES:
         info = stages.get(name)
-        if info:
-            extra = {"layers": info.get("layers")}
-            if name == "distil":
-                extra.update(kl_before=info.get("kl_before"), kl_after=info.get("kl_after"))
-            if name == "prune":
-                extra.update(sparsity=info.get("sparsity"), stopped=info.get("stopped"))
-            rows.append(_row(name, info.get("format", "f16"), info, serving, **extra))
-    export = stages.get("export") or {}
-    for kind, figures in (export.get("types") or {}).items():
-        if kind != "f16":
-            rows.append(_row("quantize", kind, figures, serving))
+        if not info:
+            continue
+        extra: dict[str, Any] = {"layers": info.get("layers")}
+        if name == "distil":
+            extra.update(kl_before=info.get("kl_before"), kl_after=info.get("kl_after"))
+        if name == "prune":
+            extra.update(sparsity=info.get("sparsity"), stopped=info.get("stopped"))
+        if info.get("skipped"):
+            rows.append({"stage": name, "format": "-", "verdict": f"skipped: {info['skipped']}"})
+            continue
+        types = info.get("types") or {info.get("format", "-"): info}
+        for kind, figures in types.items():
+            row = _row(name, kind, figures, serving, **extra)
+            verdict = why.get(label(row))
+            if info.get("excluded"):
+                row["verdict"] = f"excluded: {info['excluded']}"
+            elif kind in (info.get("not_offered") or {}):
+                row["verdict"] = f"not offered: {info['not_offered'][kind]}"
+            elif verdict is not None:
+                row.update(won=verdict["won"], verdict=verdict["why"])
+            rows.append(row)
     return rows
 
 
+def prune_curve(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sparsity against perplexity (HF, held-out) of every pruning iteration, the start at 0."""
+    info = stages.get("prune") or {}
+    if not info.get("iterations"):
+        return []
+    start = [{"sparsity": 0.0, "ppl": info.get("start_ppl"), "accepted": True}]
+    return start + [{k: it.get(k) for k in ("sparsity", "ppl", "quality", "accepted")}
+                    for it in info["iterations"]]
+
+
 def build_report(run_id: int, stages: dict[str, dict[str, Any]], serving: dict[str, Any],
-                 decision: Any, *, promote_type: str) -> dict[str, Any]:
-    return {"run": run_id, "promote_type": promote_type, "promoted": decision.promote,
-            "reason": decision.reason, "checks": decision.checks,
-            "rows": stage_rows(stages, serving)}
+                 decision: Any, *, verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    from milton.evolve.gate import RULE
+
+    return {"run": run_id, "promoted": decision.promote, "reason": decision.reason,
+            "winner": decision.checks.get("winner"), "rule": RULE, "checks": decision.checks,
+            "rows": stage_rows(stages, serving, verdicts), "prune_curve": prune_curve(stages)}
 
 
 def load_report(settings: Settings, db: sqlite_utils.Database, run: int | None) -> dict[str, Any]:
@@ -83,24 +111,27 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def render_table(report: dict[str, Any]) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"evolve run {report['run']}: {report.get('status', '')}")
     for name in ("stage", "model", "layers", "sparsity", "size MB", "tok/s", "speedup",
-                 "eval ppl", "regr. ppl", "quality"):
-        table.add_column(name, justify="left" if name in ("stage", "model") else "right")
+                 "eval ppl", "regr. ppl", "quality", "verdict"):
+        table.add_column(name, justify="left" if name in ("stage", "model", "verdict") else "right")
     for row in report["rows"]:
-        table.add_row(row["stage"], str(row["format"]), _fmt(row.get("layers"), "d"),
+        table.add_row(("* " if row.get("won") else "") + row["stage"], escape(str(row["format"])),
+                      _fmt(row.get("layers"), "d"),
                       _fmt(row.get("sparsity"), ".0%"), _fmt(row.get("size_mb"), ".1f"),
                       _fmt(row.get("tokens_per_s"), ".1f"), _fmt(row.get("speedup"), ".2f"),
                       _fmt(row.get("eval_ppl"), ".3g"), _fmt(row.get("regression_ppl"), ".3g"),
-                      _fmt(row.get("quality"), ".0%"))
+                      _fmt(row.get("quality"), ".0%"), escape(str(row.get("verdict") or "")))
     return table
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path | None:
-    """Quality against size on disk, one point per stage, the threshold dashed; None if no
-    stage has both figures yet."""
+    """Quality against size on disk, one point per stage and type (the winner starred), the
+    threshold dashed, and pruning's sparsity-perplexity curve beside it; None if no stage has
+    both figures yet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,13 +140,25 @@ def write_plot(report: dict[str, Any], path: Path) -> Path | None:
     points = [r for r in report["rows"] if r.get("size_mb") and r.get("quality") is not None]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    curve = [c for c in report.get("prune_curve") or [] if c.get("ppl") is not None]
+    if curve:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+        ax2.plot([c["sparsity"] for c in curve], [c["ppl"] for c in curve], marker="o")
+        for c in curve:
+            if not c.get("accepted"):
+                ax2.scatter(c["sparsity"], c["ppl"], color="tab:red", zorder=3)
+        ax2.set_xlabel("sparsity (share of decoder weights zeroed)")
+        ax2.set_ylabel("held-out perplexity (HF, after recovery)")
+        ax2.set_title("pruning: sparsity vs perplexity (red: undone)", fontsize=10)
+        ax2.grid(True, alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     try:
         for row in points:
             serving = row["stage"] == "serving"
             ax.scatter(row["size_mb"], row["quality"], s=60, marker="s" if serving else "o",
                        color="tab:gray" if serving else "tab:blue", zorder=3)
-            label = "serving" if serving else f"{row['stage']} ({row['format']})"
+            label = "serving" if serving else f"{row['stage']} ({row['format']})" + (" *" if row.get("won") else "")
             ax.annotate(label, (row["size_mb"], row["quality"]), textcoords="offset points",
                         xytext=(6, 6), fontsize=8)
         threshold = (report.get("checks") or {}).get("threshold")
