@@ -421,6 +421,33 @@ class TrainConfig(_Section):
     rouge_samples: int = Field(
         default=8, ge=0, description="Eval items whose generated answers are scored with ROUGE-L."
     )
+    fact_phrasings: int = Field(
+        default=8, ge=1, le=9,
+        description="Question wordings each fact the user taught is trained in (plus its statement "
+        "forms); the held-out wordings are the recall probes.",
+    )
+    recall_probes: int = Field(
+        default=2, ge=1, le=4,
+        description="Held-out question wordings per fact that the gate asks (never trained).",
+    )
+    min_recall_gain: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Promote only if recall of this run's facts beats the serving model's by more "
+        "than this share (runs without facts are judged on held-out perplexity).",
+    )
+    retention_items: int = Field(
+        default=64, ge=0,
+        description="Facts of earlier promoted runs probed for retention (taken evenly across runs).",
+    )
+    retention_margin: float = Field(
+        default=0.1, ge=0, le=1,
+        description="Reject if retention recall is below the serving model's by more than this share.",
+    )
+    accumulate: str = Field(
+        default="retrain", pattern="^(retrain|continue)$",
+        description="How each night builds on the promoted adapter: retrain a fresh adapter on every "
+        "fact in force plus replay, or continue training the current adapter.",
+    )
     keep_versions: int = Field(default=7, ge=1, description="Adapter versions kept.")
     memory_max: str = Field(
         default="8G", pattern=r"^[0-9]+[KMGT]?$|^infinity$",
