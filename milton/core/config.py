@@ -443,6 +443,11 @@ class TrainConfig(_Section):
         default=0.1, ge=0, le=1,
         description="Reject if retention recall is below the serving model's by more than this share.",
     )
+    early_stop_patience: int = Field(
+        default=1, ge=0,
+        description="Stop training when this many epoch-end recall probes in a row did not beat the "
+        "best so far (or all facts are recalled); 0 = always run train.epochs.",
+    )
     accumulate: str = Field(
         default="retrain", pattern="^(retrain|continue)$",
         description="How each night builds on the promoted adapter: retrain a fresh adapter on every "

@@ -174,6 +174,36 @@ class Taught:
                 "facts_retention": len(self.retention), "fact_items": self.items}
 
 
+class EarlyStop:
+    """Early stopping on recall probes: at the end of every epoch from the second on, probe
+    (one held-out wording per fact, up to 32 facts) this run's facts; stop once all are
+    recalled or ``train.early_stop_patience`` probes in a row did not beat the best so far."""
+
+    def __init__(self, cfg: Any, n_items: int, facts: list[Fact],
+                 probe: Callable[[Any, list[Fact]], float | None]) -> None:
+        self.per_epoch = max(1, math.ceil(math.ceil(n_items / cfg.batch_size) / cfg.grad_accum))
+        self.patience = cfg.early_stop_patience
+        self.facts, self.probe = facts[:32], probe
+        self.history: list[tuple[int, float]] = []
+        self.stopped_at: int | None = None
+
+    def __call__(self, step: int, model: Any) -> bool:
+        if self.patience <= 0 or step % self.per_epoch or step < 2 * self.per_epoch:
+            return False
+        value = self.probe(model, self.facts) or 0.0
+        self.history.append((step // self.per_epoch, value))
+        values = [v for _, v in self.history]
+        stale = len(values) - 1 - values.index(max(values))  # probes since the first best
+        if value >= 1.0 or stale >= self.patience:
+            self.stopped_at = step
+            return True
+        return False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"recall_by_epoch": [[e, round(v, 3)] for e, v in self.history],
+                "stopped_at_step": self.stopped_at}
+
+
 def add_fact_items(db: sqlite_utils.Database, settings: Settings, dataset: Any,
                    run_id: int) -> Taught:
     """Add the facts the user taught to ``dataset.train`` in many phrasings (items from the
@@ -237,10 +267,14 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught,
         serving, serving_name = measure(peft), f"current {current.name}"
         # continue: train the promoted adapter further; retrain: the bare base again, fresh
         model = peft if continuing else peft.unload()
+    early = EarlyStop(cfg, len(dataset.train), taught.new,
+                      lambda m, facts: recall(m, tokenizer, facts, probes=1, seed=cfg.seed,
+                                              chat_format=fmt)["recall"])
     result = train_lora(model, tokenizer, dataset.train, cfg, checkpoint_dir=work / "checkpoints",
                         on_step=_history_hook(ctx.db, run_id), max_steps_override=max_steps,
-                        chat_format=fmt)
+                        chat_format=fmt, stop=early if taught.new else None)
     candidate = measure(result.model)
+    candidate["early_stop"] = early.as_dict()
     decision = decide(candidate, serving, cfg, serving_name=serving_name)
     metrics = {"base": base, "serving": serving, "candidate": candidate, "_result": result}
     return metrics, decision, serving_name
