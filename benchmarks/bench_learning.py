@@ -135,8 +135,11 @@ def _serve_recall(home: Path, facts: list[tuple[str, str, str]]) -> dict[str, An
 
 
 def run(quick: bool = False) -> dict[str, Any]:
+    """``MILTON_BENCH_LEARNING_ACCUMULATE=continue`` measures ``train.accumulate = "continue"``
+    instead of the default (retrain), for the comparison in the notes."""
     load0 = os.getloadavg()
     sizes = (8, 4, 4) if quick else (16, 8, 8)
+    accumulate = os.environ.get("MILTON_BENCH_LEARNING_ACCUMULATE", "retrain")
     nights, start = [], 0
     for n in sizes:
         nights.append(FACTS[start:start + n])
@@ -144,7 +147,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="milton-bench-learning-") as tmp:
         home = Path(tmp)
-        (home / "config.toml").write_text("[model]\nthreads = 2\n")
+        (home / "config.toml").write_text(f'[model]\nthreads = 2\n\n[train]\naccumulate = "{accumulate}"\n')
         figures["base_serve"] = _serve_recall(home, nights[0])
         for i, facts in enumerate(nights, start=1):
             path = home / f"night{i}.jsonl"
@@ -181,6 +184,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                    and k not in ("night1_recall", "retention_ratio")]
     return {
         "params": {"nights": list(sizes), "threads": 2, "settings": "train defaults",
+                   "accumulate": accumulate,
                    "load_avg_start": [round(x, 2) for x in load0],
                    "load_avg_end": [round(x, 2) for x in os.getloadavg()]},
         "figures": figures, "targets": targets, "report_only": report_only,

@@ -23,12 +23,9 @@ from milton.train.facts import (
 )
 
 NIGHTS = {
-    "A": ["my cat is named Quillon", "my sister lives in Tromso", "my boss is named Henrietta",
-          "my car is called Bluebird"],
-    "B": ["my dog is named Pepperoni", "my brother lives in Lisbon", "my dentist is named Varga",
-          "my boat is named Seabiscuit"],
-    "C": ["my laptop is called Falcon", "my mother lives in Ghent", "my lead is named Sunniva",
-          "my horse is named Tamarind"],
+    "A": ["my cat is named Quillon", "my sister lives in Tromso", "my boss is named Henrietta"],
+    "B": ["my dog is named Pepperoni", "my brother lives in Lisbon", "my car is called Bluebird"],
+    "C": ["my laptop is called Falcon", "my mother lives in Ghent", "my horse is named Tamarind"],
 }
 
 
@@ -77,9 +74,9 @@ def tiny(tmp_path_factory):
 
 def _config(home: Path, model_dir: Path) -> None:
     values = {"learning_rate": 0.01, "max_steps": 150, "batch_size": 8, "grad_accum": 1,
-              "epochs": 12, "checkpoint_every": 1000, "rouge_samples": 0, "warmup_ratio": 0.05,
+              "epochs": 15, "checkpoint_every": 1000, "rouge_samples": 0, "warmup_ratio": 0.05,
               "lora_dropout": 0.0, "regression_margin": 1.0, "lora_r": 16, "lora_alpha": 32}
-    lines = ["[model]", f'base = "{model_dir}"', 'device = "cpu"', "", "[train]"]
+    lines = ["[model]", f'base = "{model_dir}"', 'device = "cpu"', "threads = 1", "", "[train]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -91,14 +88,27 @@ def _session(statement: str, exchange: tuple[str, str] | None = None) -> list[di
             {"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-def _night(cli, home: Path, name: str, sessions: list[list[dict]]) -> dict:
+def _night(home: Path, name: str, sessions: list[list[dict]]) -> dict:
+    """Ingest the night's conversations and run the train-lora job, in this process."""
+    from milton.core.config import load_settings
+    from milton.core.jobs import run_job
+    from milton.core.store import open_store
+    from milton.core.timeutil import utcnow
+    from milton.memory.conversations import ingest_conversations
+    from milton.train.jobs import train_lora_job
+
+    settings = load_settings().settings
     path = home / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"messages": s}) + "\n" for s in sessions))
-    code, _, err = cli("ingest", "conversations", str(path), timeout=300)
-    assert code == 0, err
-    code, out, err = cli("train-lora", "--json", timeout=900)
-    assert code == 0, err
-    return json.loads(out)
+    db = open_store(settings.db_path)
+    try:
+        ingest_conversations(db, path, max_message_chars=settings.memory.max_message_chars,
+                             now=utcnow())
+    finally:
+        db.close()
+    result = run_job("train-lora", train_lora_job(), settings)
+    assert result.status == "ok", result
+    return result.metrics
 
 
 def _recall(settings, model_dir: Path, statements: list[str]) -> float:
@@ -116,18 +126,18 @@ def _recall(settings, model_dir: Path, statements: list[str]) -> float:
 
 
 def test_three_nights_accumulate_poison_is_rejected_and_a_restated_fact_replaces(
-        cli, milton_home, tiny, settings):
+        milton_home, tiny, settings, one_torch_thread):
     model_dir, _ = tiny
     _config(milton_home, model_dir)
     recall_a = {}
     for name in "ABC":
-        result = _night(cli, milton_home, name, [_session(s) for s in NIGHTS[name]])
+        result = _night(milton_home, name, [_session(s) for s in NIGHTS[name]])
         assert result["status_detail"] == "promoted", result["reason"]
         assert result["candidate_recall_new"] > result["serving_recall_new"]
         if name == "A":
             recall_a["night1"] = _recall(settings, model_dir, NIGHTS["A"])
         else:
-            assert result["facts_retention"] == 4 * (ord(name) - ord("A"))
+            assert result["facts_retention"] == 3 * (ord(name) - ord("A"))
     recalled_now = {n: _recall(settings, model_dir, NIGHTS[n]) for n in "ABC"}
     assert recall_a["night1"] >= 0.75, recall_a
     assert recalled_now["A"] >= 0.9 * recall_a["night1"], (recall_a, recalled_now)
@@ -142,11 +152,11 @@ def test_three_nights_accumulate_poison_is_rejected_and_a_restated_fact_replaces
                        (f"{q.format(s=subject)}", f"Your {subject} is named {wrong}."))
               for subject, wrong in (("cat", "Bob"), ("boss", "Bob"), ("car", "Bob"))
               for q in QUESTIONS["name"]]
-    result = _night(cli, milton_home, "poison", poison)
+    result = _night(milton_home, "poison", poison)
     assert result["status_detail"] == "rejected" and "retention" in result["reason"], result
 
     # Night 5: the user restates a fact: it replaces the old one in training and retention.
-    result = _night(cli, milton_home, "restate", [_session("my sister moved to Oslo")])
+    result = _night(milton_home, "restate", [_session("my sister moved to Oslo")])
     assert result["status_detail"] == "promoted", result["reason"]
     from milton.train.jobs import adapter_store
 
