@@ -450,7 +450,7 @@ class TrainConfig(_Section):
         description="Reject if retention recall is below the serving model's by more than this share.",
     )
     early_stop_patience: int = Field(
-        default=1, ge=0,
+        default=2, ge=0,
         description="Stop training when this many epoch-end recall probes in a row did not beat the "
         "best so far (or all facts are recalled); 0 = always run train.epochs.",
     )

@@ -175,20 +175,22 @@ class Taught:
 
 
 class EarlyStop:
-    """Early stopping on recall probes: at the end of every epoch from the second on, probe
-    (one held-out wording per fact, up to 32 facts) this run's facts; stop once all are
+    """Early stopping on recall probes: at the end of every epoch from half of
+    ``train.epochs`` on (recall stays at zero for the first epochs while the loss falls),
+    probe this run's facts (one held-out wording per fact, up to 32 facts); stop once all are
     recalled or ``train.early_stop_patience`` probes in a row did not beat the best so far."""
 
     def __init__(self, cfg: Any, n_items: int, facts: list[Fact],
                  probe: Callable[[Any, list[Fact]], float | None]) -> None:
         self.per_epoch = max(1, math.ceil(math.ceil(n_items / cfg.batch_size) / cfg.grad_accum))
         self.patience = cfg.early_stop_patience
+        self.first = max(2, math.ceil(cfg.epochs / 2)) * self.per_epoch
         self.facts, self.probe = facts[:32], probe
         self.history: list[tuple[int, float]] = []
         self.stopped_at: int | None = None
 
     def __call__(self, step: int, model: Any) -> bool:
-        if self.patience <= 0 or step % self.per_epoch or step < 2 * self.per_epoch:
+        if self.patience <= 0 or step % self.per_epoch or step < self.first:
             return False
         value = self.probe(model, self.facts) or 0.0
         self.history.append((step // self.per_epoch, value))
