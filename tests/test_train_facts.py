@@ -170,3 +170,44 @@ def test_three_nights_accumulate_poison_is_rejected_and_a_restated_fact_replaces
     assert "Tromso" not in {f.value for f in retention_facts(db, 0, 100)}
     assert "Oslo" in {f.value for f in retention_facts(db, 0, 100)}
     assert _recall(settings, model_dir, ["my sister moved to Oslo"]) > 0
+
+
+# -- the fact store: sources, restatement, retention set (real SQLite, no model) -----------------
+def test_facts_come_from_user_messages_and_notes_and_retention_is_stratified(
+        memory_db, embedder, settings, tmp_path):
+    from milton.core.timeutil import utcnow
+    from milton.memory.conversations import ingest_conversations
+    from milton.memory.memories import NewMemory, add_memory
+    from milton.train.taught import export_facts, facts_in_force, new_facts, retention_facts
+
+    db = memory_db
+    convo = tmp_path / "c.jsonl"
+    convo.write_text(json.dumps({"messages": _session("my cat is named Quillon", (
+        "What is my cat's name?", "Your cat is named Whiskers."))}) + "\n")
+    ingest_conversations(db, convo, max_message_chars=10_000, now=utcnow())
+    add_memory(db, embedder, NewMemory("my gym is Ironworks", tier="long", category="note",
+                                       source="cli"), utcnow())
+    add_memory(db, embedder, NewMemory("my boat is named Ghost", tier="long", category="note",
+                                       source="summary"), utcnow())  # not the user's words
+    run1 = db["training_runs"].insert({"started": "x", "status": "running"}).last_pk
+    top = db.execute("select max(id) from messages").fetchone()[0]
+    assert export_facts(db, settings, run1, 0, top, utcnow()) == 2
+    assert export_facts(db, settings, run1, 0, top, utcnow()) == 0  # read again: nothing new
+    # the assistant's "Whiskers" never becomes a fact; the summary's boat neither
+    assert {(f.subject, f.value) for f in new_facts(db, run1)} == {("cat", "Quillon"),
+                                                                   ("gym", "Ironworks")}
+    db["training_runs"].update(run1, {"status": "promoted"})
+
+    run2 = db["training_runs"].insert({"started": "y", "status": "running"}).last_pk
+    convo.write_text(json.dumps({"messages": _session("my cat is named Pixel")}) + "\n")
+    ingest_conversations(db, convo, max_message_chars=10_000, now=utcnow())
+    top2 = db.execute("select max(id) from messages").fetchone()[0]
+    assert export_facts(db, settings, run2, top, top2, utcnow()) == 1
+    in_force = {f.subject: f.value for f, _ in facts_in_force(db)}
+    assert in_force == {"cat": "Pixel", "gym": "Ironworks"}
+    # the retention set of run 2 has run 1's facts still in force: not the replaced cat
+    assert [f.value for f in retention_facts(db, run2, 10)] == ["Ironworks"]
+    db["training_runs"].update(run2, {"status": "promoted"})
+    run3 = db["training_runs"].insert({"started": "z", "status": "running"}).last_pk
+    assert {f.value for f in retention_facts(db, run3, 10)} == {"Ironworks", "Pixel"}
+    assert len(retention_facts(db, run3, 1)) == 1
