@@ -75,7 +75,10 @@ def tiny(tmp_path_factory):
 def _config(home: Path, model_dir: Path) -> None:
     values = {"learning_rate": 0.01, "max_steps": 150, "batch_size": 8, "grad_accum": 1,
               "epochs": 15, "checkpoint_every": 1000, "rouge_samples": 0, "warmup_ratio": 0.05,
-              "lora_dropout": 0.0, "regression_margin": 1.0, "lora_r": 16, "lora_alpha": 32}
+              "lora_dropout": 0.0, "regression_margin": 1.0, "lora_r": 16, "lora_alpha": 32,
+              # 8-9 retention facts x 2 probes: one retrained fact wobbling is 6-12 points;
+              # the poisoned night loses 3 facts (~35 points)
+              "retention_margin": 0.2}
     lines = ["[model]", f'base = "{model_dir}"', 'device = "cpu"', "threads = 1", "", "[train]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     (home / "config.toml").write_text("\n".join(lines) + "\n")
@@ -154,6 +157,7 @@ def test_three_nights_accumulate_poison_is_rejected_and_a_restated_fact_replaces
               for q in QUESTIONS["name"]]
     result = _night(milton_home, "poison", poison)
     assert result["status_detail"] == "rejected" and "retention" in result["reason"], result
+    assert result["candidate_recall_retention"] <= result["serving_recall_retention"] - 0.2
 
     # Night 5: the user restates a fact: it replaces the old one in training and retention.
     result = _night(milton_home, "restate", [_session("my sister moved to Oslo")])

@@ -177,7 +177,8 @@ class Taught:
 class EarlyStop:
     """Early stopping on recall probes: at the end of every epoch from half of
     ``train.epochs`` on (recall stays at zero for the first epochs while the loss falls),
-    probe this run's facts (one held-out wording per fact, up to 32 facts); stop once all are
+    probe the facts being trained (this run's first, then older ones; one held-out wording per
+    fact, up to 32 facts: a fresh adapter must relearn the old ones too); stop once all are
     recalled or ``train.early_stop_patience`` probes in a row did not beat the best so far."""
 
     def __init__(self, cfg: Any, n_items: int, facts: list[Fact],
@@ -213,8 +214,8 @@ def add_fact_items(db: sqlite_utils.Database, settings: Settings, dataset: Any,
 
     ``train.accumulate`` retrain: every fact in force (newest statement per fact), since the
     adapter starts fresh each night; continue: this run's facts plus a replay sample of the
-    older ones (``train.replay_fraction`` of their count, at least one per earlier run's
-    retention probes), since the current adapter already holds the rest.
+    older ones (``train.replay_fraction`` of the new facts' count, at least one), since the
+    current adapter already holds the rest.
     """
     from milton.train.dataset import TrainingItem
     from milton.train.taught import fact_items, facts_in_force, new_facts, retention_facts
@@ -269,7 +270,9 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught,
         serving, serving_name = measure(peft), f"current {current.name}"
         # continue: train the promoted adapter further; retrain: the bare base again, fresh
         model = peft if continuing else peft.unload()
-    early = EarlyStop(cfg, len(dataset.train), taught.new,
+    new_keys = {f.key for f in taught.new}
+    watched = taught.new + [f for f in taught.trained if f.key not in new_keys]
+    early = EarlyStop(cfg, len(dataset.train), watched,
                       lambda m, facts: recall(m, tokenizer, facts, probes=1, seed=cfg.seed,
                                               chat_format=fmt)["recall"])
     result = train_lora(model, tokenizer, dataset.train, cfg, checkpoint_dir=work / "checkpoints",
