@@ -88,7 +88,10 @@ def _sessions(facts: list[tuple[str, str, str]]) -> list[dict]:
         out.append({"messages": [
             {"role": "user", "content": f"Please remember this: {statement}."},
             {"role": "assistant", "content": "Got it, I will remember that."},
-            {"role": "user", "content": f"What is my {subject}?"},
+            {"role": "user", "content": (
+                f"What is my {subject}'s name?" if " named " in statement or " called " in statement
+                else f"Where does my {subject} live?" if " lives " in statement
+                else f"What is my {subject}?")},
             {"role": "assistant", "content": answer[0].upper() + answer[1:] + "."},
             {"role": "user", "content": "Thanks!"},
             {"role": "assistant", "content": "You're welcome."}]})
