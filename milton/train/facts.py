@@ -80,20 +80,14 @@ class Fact:
     @property
     def key(self) -> str:
         """Same key = same fact slot: a newer statement replaces the older one."""
-        relation = "place" if self.relation == "place" else self.relation
-        return f"{relation}:{self.subject.lower()}"
+        return f"{self.relation}:{self.subject.lower()}"
 
     @property
     def statement(self) -> str:
         return f"My {self.subject} {self.verb} {self.value}."
 
     def answer(self) -> str:
-        return ANSWERS[self.relation].format(s=self.subject, v=self.value,
-                                             verb=_second_person(self.verb))
-
-
-def _second_person(verb: str) -> str:
-    return verb
+        return ANSWERS[self.relation].format(s=self.subject, v=self.value, verb=self.verb)
 
 
 def _clean_value(value: str) -> str:
@@ -151,8 +145,7 @@ def split_questions(fact: Fact, n_probe: int, seed: int = 0) -> tuple[list[str],
     templates = sorted(QUESTIONS[fact.relation], key=lambda t: _rank(fact, t, seed))
     n_probe = max(0, min(n_probe, len(templates) - 1))
     probe, train = templates[:n_probe], templates[n_probe:]
-    fill = [t.format(s=fact.subject) for t in train], [t.format(s=fact.subject) for t in probe]
-    return fill
+    return [t.format(s=fact.subject) for t in train], [t.format(s=fact.subject) for t in probe]
 
 
 def probe_questions(fact: Fact, n_probe: int = 2, seed: int = 0) -> list[str]:
