@@ -37,3 +37,35 @@ def test_diverged_candidate_is_rejected():
     for bad in (math.nan, math.inf, None):
         d = decide({"eval_ppl": bad, "regression_ppl": 1.0}, SERVING, CFG)
         assert not d.promote and "diverged" in d.reason
+
+
+# -- recall probes decide when the run taught facts ---------------------------------------------
+FACTS_SERVING = {**SERVING, "recall_new": 0.1, "recall_retention": 0.9}
+
+
+def test_recall_must_rise_even_when_perplexity_falls():
+    """The issue's adapter: perplexity 25 -> 5 from the answer style alone, no fact recalled."""
+    d = decide({"eval_ppl": 5.0, "regression_ppl": 29.0, "recall_new": 0.1,
+                "recall_retention": 0.9}, FACTS_SERVING, CFG)
+    assert not d.promote and "does not rise" in d.reason
+    assert d.checks["eval_ppl"]["diagnostic"] is True
+
+
+def test_recall_rise_promotes_even_without_a_perplexity_gain():
+    d = decide({"eval_ppl": 25.0, "regression_ppl": 29.0, "recall_new": 0.7,
+                "recall_retention": 0.85}, FACTS_SERVING, CFG)
+    assert d.promote and "recall 10% -> 70%" in d.reason and "retention 90% -> 85%" in d.reason
+
+
+def test_retention_drop_beyond_the_margin_rejects():
+    d = decide({"eval_ppl": 5.0, "regression_ppl": 29.0, "recall_new": 0.9,
+                "recall_retention": 0.75}, FACTS_SERVING, CFG)  # 0.9 - 0.1 margin = 0.8
+    assert not d.promote and "retention recall 75%" in d.reason and "earlier nights" in d.reason
+    assert decide({"eval_ppl": 5.0, "regression_ppl": 29.0, "recall_new": 0.9,
+                   "recall_retention": 0.81}, FACTS_SERVING, CFG).promote
+
+
+def test_regression_still_holds_with_recall():
+    d = decide({"eval_ppl": 5.0, "regression_ppl": 40.0, "recall_new": 0.9,
+                "recall_retention": 0.9}, FACTS_SERVING, CFG)
+    assert not d.promote and "it forgot" in d.reason

@@ -429,3 +429,32 @@ def m010_job_runs_lookup(db: sqlite_utils.Database) -> None:
     # last success: index lookups with these, instead of scans of the job's year of runs.
     db.execute("create index job_runs_job_id on job_runs (job, id)")
     db.execute("create index job_runs_job_status_started on job_runs (job, status, started)")
+
+
+@migration
+def m011_training_facts(db: sqlite_utils.Database) -> None:
+    # Facts the user taught (their own words: "my cat is named Quillon", /remember notes),
+    # parsed by train-lora. Every fact becomes training items in many phrasings each night
+    # (cumulative), and the facts of promoted runs are the retention set the gate probes. A
+    # restated fact (same key) is a newer row; the newest row per key is the one in force.
+    db.execute(
+        """
+        create table training_facts (
+            id integer primary key,
+            key text not null,
+            subject text not null,
+            relation text not null,
+            verb text not null,
+            value text not null,
+            source text not null,
+            run_id integer references training_runs (id) on delete set null,
+            created real not null,
+            unique (key, value, source)
+        )
+        """
+    )
+    db.execute("create index training_facts_key on training_facts (key, id)")
+    # The gate's recall figures per run (the whole measurement stays in ``metrics``).
+    for column in ("recall_new", "recall_retention", "serving_recall_new",
+                   "serving_recall_retention"):
+        db.execute(f"alter table training_runs add column {column} real")

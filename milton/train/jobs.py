@@ -10,8 +10,11 @@ published with its metrics, and only one that passes the gate becomes ``current`
 from __future__ import annotations
 
 import json
+import math
+import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from milton.models.layout import (
     DATASET_DIR,
     artifact_store,
 )
+from milton.train.facts import Fact
 
 
 def adapter_store(settings: Settings) -> ArtifactStore:
@@ -73,9 +77,12 @@ def _finish_run(db: sqlite_utils.Database, run_id: int, status: str, *, reason: 
                 metrics: dict[str, Any], version: str | None) -> None:
     from milton.memory.memories import bump
 
+    recall = {f"{prefix}{key}": metrics.get(who, {}).get(key)
+              for who, prefix in (("candidate", ""), ("serving", "serving_"))
+              for key in ("recall_new", "recall_retention")}
     with db.atomic():
         finish_run(db, "training_runs", run_id, status, reason=reason,
-                   metrics=json.dumps(metrics, default=str), candidate_version=version)
+                   metrics=json.dumps(metrics, default=str), candidate_version=version, **recall)
         if status == "promoted":
             bump(db, "fine_tunes")
 
@@ -104,8 +111,10 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
         build_dataset,
         export_new_items,
         require_enough,
+        watermarks,
         write_dataset_files,
     )
+    from milton.train.taught import export_facts
 
     settings, db = ctx.settings, ctx.db
     tools_dir(settings)  # fail now, not after an hour of training
@@ -119,16 +128,23 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
             "job_run_id": ctx.run_id, "started": iso(utcnow()), "status": "running",
             "base_model": str(ref.path), "base_sha256": ref.sha256,
         }).last_pk
-        export = None
+        export, new_facts = None, 0
         if resumed is None:
+            since_id = watermarks(db)[0]
             export = export_new_items(db, settings, run_id, ctx.now)
-            require_enough(export, settings)
+            new_facts = export_facts(db, settings, run_id, since_id,
+                                     export.watermark_message_id, ctx.now)
+            if not new_facts:  # a night that taught facts is worth a run on its own
+                require_enough(export, settings)
     dataset = build_dataset(db, settings, run_id)
+    taught = add_fact_items(db, settings, dataset, run_id)
     work = run_dir(settings, run_id)
     write_dataset_files(dataset, work / DATASET_DIR)
-    ctx.log("training data", training_run=run_id, resumed=resumed is not None, **dataset.counts())
+    ctx.log("training data", training_run=run_id, resumed=resumed is not None, **dataset.counts(),
+            **taught.counts())
 
-    metrics, decision, serving_name = _train_and_evaluate(ctx, ref, dataset, run_id, work, max_steps)
+    metrics, decision, serving_name = _train_and_evaluate(ctx, ref, dataset, taught, run_id, work,
+                                                          max_steps)
     store = adapter_store(settings)
     result = metrics.pop("_result")
 
@@ -165,38 +181,134 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
     return {
         "status_detail": status, "version": version.name, "reason": decision.reason,
         "against": serving_name, "run_id": run_id, "resumed_from": result.resumed_from,
-        **{f"candidate_{k}": v for k, v in metrics["candidate"].items()},
-        **{f"serving_{k}": v for k, v in metrics["serving"].items()},
-        **(export.as_metrics() if export else {}), **result.metrics(),
+        **{f"candidate_{k}": v for k, v in metrics["candidate"].items() if not k.endswith("_detail")},
+        **{f"serving_{k}": v for k, v in metrics["serving"].items() if not k.endswith("_detail")},
+        **(export.as_metrics() if export else {}), **result.metrics(), **taught.counts(),
+        "new_facts_stored": new_facts,
     }
 
 
-def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, run_id: int, work: Path,
-                        max_steps: int | None) -> tuple[dict[str, Any], Any, str]:
+@dataclass
+class Taught:
+    """The facts a run trains on and probes: this run's (new-item recall) and earlier promoted
+    runs' (retention recall)."""
+
+    trained: list[Fact]
+    new: list[Fact]
+    retention: list[Fact]
+    items: int
+
+    def counts(self) -> dict[str, int]:
+        return {"facts_trained": len(self.trained), "facts_new": len(self.new),
+                "facts_retention": len(self.retention), "fact_items": self.items}
+
+
+class EarlyStop:
+    """Early stopping on recall probes: at the end of every epoch from half of
+    ``train.epochs`` on (recall stays at zero for the first epochs while the loss falls),
+    probe the facts being trained (this run's first, then older ones; one held-out wording per
+    fact, up to 32 facts: a fresh adapter must relearn the old ones too); stop once all are
+    recalled or ``train.early_stop_patience`` probes in a row did not beat the best so far."""
+
+    def __init__(self, cfg: Any, n_items: int, facts: list[Fact],
+                 probe: Callable[[Any, list[Fact]], float | None]) -> None:
+        self.per_epoch = max(1, math.ceil(math.ceil(n_items / cfg.batch_size) / cfg.grad_accum))
+        self.patience = cfg.early_stop_patience
+        self.first = max(2, math.ceil(cfg.epochs / 2)) * self.per_epoch
+        self.facts, self.probe = facts[:32], probe
+        self.history: list[tuple[int, float]] = []
+        self.stopped_at: int | None = None
+
+    def __call__(self, step: int, model: Any) -> bool:
+        if self.patience <= 0 or step % self.per_epoch or step < self.first:
+            return False
+        value = self.probe(model, self.facts) or 0.0
+        self.history.append((step // self.per_epoch, value))
+        values = [v for _, v in self.history]
+        stale = len(values) - 1 - values.index(max(values))  # probes since the first best
+        if value >= 1.0 or stale >= self.patience:
+            self.stopped_at = step
+            return True
+        return False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"recall_by_epoch": [[e, round(v, 3)] for e, v in self.history],
+                "stopped_at_step": self.stopped_at}
+
+
+def add_fact_items(db: sqlite_utils.Database, settings: Settings, dataset: Any,
+                   run_id: int) -> Taught:
+    """Add the facts the user taught to ``dataset.train`` in many phrasings (items from the
+    user's words only) and pick the probe sets.
+
+    ``train.accumulate`` retrain: every fact in force (newest statement per fact), since the
+    adapter starts fresh each night; continue: this run's facts plus a replay sample of the
+    older ones (``train.replay_fraction`` of the new facts' count, at least one), since the
+    current adapter already holds the rest.
+    """
+    from milton.train.dataset import TrainingItem
+    from milton.train.taught import fact_items, facts_in_force, new_facts, retention_facts
+
+    cfg = settings.train
+    in_force = [fact for fact, _ in facts_in_force(db)]
+    new = new_facts(db, run_id)
+    retention = retention_facts(db, run_id, cfg.retention_items)
+    if cfg.accumulate == "continue":
+        new_keys = {f.key for f in new}
+        older = [f for f in in_force if f.key not in new_keys]
+        random.Random(f"{cfg.seed}:{run_id}:facts").shuffle(older)
+        trained = new + older[:math.ceil(cfg.replay_fraction * max(len(new), 1))]
+    else:
+        trained = in_force
+    items = [TrainingItem(id=None, kind=str(it["kind"]), prompt=it["prompt"],
+                          response=str(it["response"]), source=f"fact:{it['source']}")
+             for it in fact_items(trained, settings)]
+    dataset.train.extend(items)
+    return Taught(trained, new, retention, len(items))
+
+
+def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught, run_id: int,
+                        work: Path, max_steps: int | None) -> tuple[dict[str, Any], Any, str]:
     """Measure base, current and candidate on the same data in the same process."""
     from milton.models.hf import load_base
     from milton.train.evaluate import evaluate
     from milton.train.gate import decide
     from milton.train.lora import load_adapter, train_lora
+    from milton.train.recall import recall
 
     settings, cfg = ctx.settings, ctx.settings.train
     fmt = settings.model.chat_format
     model, tokenizer = load_base(ref, settings.model.device, settings.model.threads)
 
-    def measure(m: Any) -> dict[str, Any]:
-        return evaluate(m, tokenizer, dataset.eval, dataset.regression, cfg, chat_format=fmt)
+    def measure(m: Any, probe: bool = True) -> dict[str, Any]:
+        out = evaluate(m, tokenizer, dataset.eval, dataset.regression, cfg, chat_format=fmt)
+        for name, facts in (("new", taught.new), ("retention", taught.retention)):
+            if probe and facts:
+                probed = recall(m, tokenizer, facts, probes=cfg.recall_probes, seed=cfg.seed,
+                                chat_format=fmt)
+                out[f"recall_{name}"] = probed["recall"]
+                out[f"recall_{name}_detail"] = probed
+        return out
 
-    base = measure(model)
     current = adapter_store(settings).current()
+    base = measure(model, probe=current is None)  # base recall only matters when it serves
     serving, serving_name = base, "base"
     if current is not None:
-        peft = load_adapter(model, current.path / ADAPTER_DIR)
+        continuing = cfg.accumulate == "continue"
+        peft = load_adapter(model, current.path / ADAPTER_DIR, trainable=continuing)
         serving, serving_name = measure(peft), f"current {current.name}"
-        model = peft.unload()  # the bare base again, for a fresh adapter
+        # continue: train the promoted adapter further; retrain: the bare base again, fresh
+        model = peft if continuing else peft.unload()
+    new_keys = {f.key for f in taught.new}
+    watched = taught.new + [f for f in taught.trained if f.key not in new_keys]
+    early = EarlyStop(cfg, len(dataset.train), watched,
+                      lambda m, facts: recall(m, tokenizer, facts, probes=1, seed=cfg.seed,
+                                              chat_format=fmt)["recall"])
     result = train_lora(model, tokenizer, dataset.train, cfg, checkpoint_dir=work / "checkpoints",
                         on_step=_history_hook(ctx.db, run_id), max_steps_override=max_steps,
-                        chat_format=fmt)
+                        chat_format=fmt, stop=early if taught.new else None)
     candidate = measure(result.model)
+    candidate["early_stop"] = early.as_dict()
     decision = decide(candidate, serving, cfg, serving_name=serving_name)
     metrics = {"base": base, "serving": serving, "candidate": candidate, "_result": result}
     return metrics, decision, serving_name

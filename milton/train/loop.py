@@ -209,10 +209,12 @@ def run_steps(state: LoopState, *, total_steps: int, examples: list[Example], pa
               update: Callable[..., None] | None = None,
               checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
               before_clip: Callable[[], None] | None = None,
-              after_step: Callable[[], None] | None = None) -> tuple[int, float]:
+              after_step: Callable[[], None] | None = None,
+              stop: Callable[[int], bool] | None = None) -> tuple[int, float]:
     """Optimizer steps from ``state.step`` up to ``total_steps`` over ``state.order``; see the
     module docstring. ``before_clip`` and ``after_step`` let a caller edit the gradients and the
-    weights around the update (pruning holds its zeros). Returns (tokens fed, seconds) of this
+    weights around the update (pruning holds its zeros); ``stop(step)`` after a step ends the
+    run early when it returns True (early stopping). Returns (tokens fed, seconds) of this
     call."""
     import torch
 
@@ -250,6 +252,8 @@ def run_steps(state: LoopState, *, total_steps: int, examples: list[Example], pa
         if checkpoint is not None and (state.step % checkpoint_every == 0
                                        or state.step == total_steps):
             checkpoint(state.step)
+        if stop is not None and state.step < total_steps and stop(state.step):
+            break
     return run_tokens, time.perf_counter() - started
 
 
@@ -274,7 +278,8 @@ def train_steps(model: Any, *, examples: list[Example], total_steps: int, grad_a
                 checkpoint_every: int, weights_file: str, weights: Callable[[], dict[str, Any]],
                 load_weights: Callable[[dict[str, Any]], bool], fingerprint: str,
                 resume: bool = True, on_step: StepHook | None = None,
-                progress: bool | None = None, label: str = "train-lora") -> StepsResult:
+                progress: bool | None = None, label: str = "train-lora",
+                stop: Callable[[int], bool] | None = None) -> StepsResult:
     """:func:`run_steps` resumably, with a progress bar, ``model`` in train mode meanwhile.
 
     A step checkpoint whose fingerprint is ``fingerprint`` and whose ``weights_file`` the model
@@ -314,7 +319,7 @@ def train_steps(model: Any, *, examples: list[Example], total_steps: int, grad_a
                 state, total_steps=total_steps, examples=examples, pad_id=pad_id, device=device,
                 grad_accum=grad_accum, optimizer=optimizer, scheduler=scheduler, params=params,
                 micro_step=micro_step, on_step=on_step, update=update, checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every)
+                checkpoint_every=checkpoint_every, stop=stop)
     finally:
         model.eval()
     peak_gpu = torch.cuda.max_memory_allocated(device) / (1024 * 1024) if on_gpu else None

@@ -17,6 +17,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,8 @@ def plan_steps(n_examples: int, cfg: TrainConfig, max_steps: int | None = None) 
 def train_lora(model: Any, tokenizer: Any, train_items: list[Any], cfg: TrainConfig, *,
                checkpoint_dir: Path, resume: bool = True, on_step: StepHook | None = None,
                max_steps_override: int | None = None, chat_format: str = "auto",
-               progress: bool | None = None) -> TrainResult:
+               progress: bool | None = None,
+               stop: Callable[[int, Any], bool] | None = None) -> TrainResult:
     """Train a LoRA adapter on ``train_items``; see the module docstring.
 
     ``model`` is a base model (wrapped here with a fresh, seeded adapter) or a PeftModel whose
@@ -180,6 +182,8 @@ def train_lora(model: Any, tokenizer: Any, train_items: list[Any], cfg: TrainCon
     ``on_step(step, loss, lr, tokens, elapsed_s)`` is called after every optimizer step with
     the 1-based step, its loss and learning rate, the tokens it consumed and the seconds
     since this process started training. ``progress`` defaults to "stderr is a terminal".
+    ``stop(step, peft_model)`` is asked after every step before the last; True ends training
+    there (early stopping: the job probes recall at epoch ends).
     """
     check_target_modules(list(cfg.target_modules))
     examples = format_items(list(train_items), tokenizer, chat_format, cfg.max_seq_len)
@@ -201,7 +205,7 @@ def train_lora(model: Any, tokenizer: Any, train_items: list[Any], cfg: TrainCon
         weights_file=ADAPTER_WEIGHTS, weights=lambda: _adapter_weights(peft_model),
         load_weights=lambda weights: _load_weights(peft_model, weights),
         fingerprint=_fingerprint(examples, cfg, total_steps), resume=resume, on_step=on_step,
-        progress=progress)
+        progress=progress, stop=(lambda step: stop(step, peft_model)) if stop else None)
     state = run.state
     return TrainResult(
         steps=state.step, tokens=state.tokens, loss_history=state.losses,
