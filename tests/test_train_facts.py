@@ -79,7 +79,9 @@ def _config(home: Path, model_dir: Path) -> None:
               # 8-9 retention facts x 2 probes: one retrained fact wobbling is 6-12 points;
               # the poisoned night loses 3 facts (~35 points)
               "retention_margin": 0.2}
-    lines = ["[model]", f'base = "{model_dir}"', 'device = "cpu"', "threads = 1", "", "[train]"]
+    # plain: serve asks this tiny model without the few-shot frame, so the probes do too
+    lines = ["[model]", f'base = "{model_dir}"', 'device = "cpu"', "threads = 1",
+             'chat_format = "plain"', "", "[train]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -125,7 +127,7 @@ def _recall(settings, model_dir: Path, statements: list[str]) -> float:
     model, tok = load_base(BaseModelRef(model_dir, "hf", "-", "tiny"), "cpu", 1)
     current = adapter_store(settings).current()
     peft = load_adapter(model, current.path / "adapter")
-    return recall(peft, tok, [parse_fact(s) for s in statements])["recall"]
+    return recall(peft, tok, [parse_fact(s) for s in statements], chat_format="plain")["recall"]
 
 
 def test_three_nights_accumulate_poison_is_rejected_and_a_restated_fact_replaces(
@@ -215,3 +217,24 @@ def test_facts_come_from_user_messages_and_notes_and_retention_is_stratified(
     run3 = db["training_runs"].insert({"started": "z", "status": "running"}).last_pk
     assert {f.value for f in retention_facts(db, run3, 10)} == {"Ironworks", "Pixel"}
     assert len(retention_facts(db, run3, 1)) == 1
+
+
+def test_recall_probes_ask_as_serve_does(tmp_path):
+    """A base model without a chat template is served inside the few-shot frame, so its recall
+    probes are asked inside it too; plain and template formats are asked as trained."""
+    from tiny_lm import build_tokenizer
+
+    from milton.models.prompt import FEW_SHOT_INTRO
+    from milton.train.evaluate import served_prompt_ids
+    from milton.train.formatting import prompt_ids
+
+    item = {"kind": "pair", "prompt": "What do I call my cat?", "response": ""}
+    texts = [FEW_SHOT_INTRO, "What do I call my cat? Your cat is named Quillon."]
+    base = build_tokenizer(texts, chat_template=False)
+    for fmt in ("auto", "few-shot", "template"):
+        text = base.decode(served_prompt_ids(item, base, fmt))
+        assert FEW_SHOT_INTRO[:40] in text and text.rstrip().endswith(
+            "User: What do I call my cat?\nAssistant:"), fmt
+    assert served_prompt_ids(item, base, "plain") == prompt_ids(item, base, "plain")
+    instruct = build_tokenizer(texts, chat_template=True)
+    assert served_prompt_ids(item, instruct, "auto") == prompt_ids(item, instruct, "template")

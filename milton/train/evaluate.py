@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from milton.core.config import TrainConfig
+from milton.models.prompt import few_shot_prompt, serve_format
 from milton.train.formatting import format_items, item_field, prompt_ids, resolve_format
 from milton.train.loop import batch_nll, collate
 
@@ -84,13 +85,25 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def served_prompt_ids(item: Any, tokenizer: Any, chat_format: str = "auto") -> list[int]:
+    """Token ids of ``item``'s prompt as serve asks it: training's prompt, inside serve's
+    few-shot frame when serve gives the model one (a base model without a chat template)."""
+    resolved = resolve_format(tokenizer, chat_format)
+    if resolved == "plain" and serve_format(chat_format, False) == "few-shot":
+        framed = few_shot_prompt([{"role": "user", "content": item_field(item, "prompt", "")}])
+        return list(tokenizer(framed, add_special_tokens=True)["input_ids"])
+    return prompt_ids(item, tokenizer, resolved)
+
+
 def generate(model: Any, tokenizer: Any, item: Any, max_new_tokens: int = 64, *,
-             chat_format: str = "auto") -> str:
-    """The model's greedy answer to ``item``'s prompt, formatted as in training."""
+             chat_format: str = "auto", as_served: bool = False) -> str:
+    """The model's greedy answer to ``item``'s prompt, formatted as in training, or with
+    ``as_served`` as serve asks it (a base model gets serve's few-shot frame around the same
+    turns), so a probe measures what the user will see."""
     import torch
 
     resolved = chat_format if chat_format in ("template", "plain") else resolve_format(tokenizer, chat_format)
-    ids = prompt_ids(item, tokenizer, resolved)
+    ids = served_prompt_ids(item, tokenizer, chat_format) if as_served else prompt_ids(item, tokenizer, resolved)
     device = _device(model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     eos = tokenizer.eos_token_id

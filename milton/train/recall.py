@@ -24,7 +24,7 @@ def recall(model: Any, tokenizer: Any, facts: list[Fact], *, probes: int = 2, se
     for fact in facts:
         for question in probe_questions(fact, probes, seed):
             answer = generate(model, tokenizer, {"kind": "pair", "prompt": question, "response": ""},
-                              max_new_tokens, chat_format=chat_format)
+                              max_new_tokens, chat_format=chat_format, as_served=True)
             total += 1
             if recalled(answer, fact):
                 hits += 1
