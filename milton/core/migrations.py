@@ -421,3 +421,23 @@ def m009_alert_dedupe(db: sqlite_utils.Database) -> None:
         )
         """
     )
+
+
+@migration
+def m010_feedback(db: sqlite_utils.Database) -> None:
+    # Ratings of assistant answers (POST /v1/feedback, /good and /bad in milton chat), keyed by
+    # the completion id that is in the answer's message metadata (request_id). Append only: the
+    # latest rating of a completion counts; train-lora reads them to pick training targets.
+    db.execute(
+        """
+        create table feedback (
+            id integer primary key,
+            completion_id text not null,
+            rating text not null check (rating in ('good', 'bad')),
+            source text,
+            note text,
+            ts real not null
+        )
+        """
+    )
+    db.execute("create index feedback_completion on feedback (completion_id, id)")
