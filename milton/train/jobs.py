@@ -1,4 +1,5 @@
-"""The nightly train-lora job: export, train, evaluate, gate, publish, notify.
+"""The nightly train-lora job: export, train, evaluate, gate (quality, then safety:
+:mod:`milton.train.safety`), publish, notify.
 
 One ``training_runs`` row per attempt. It stays 'running' while the work goes on, with its
 dataset and checkpoints under ``data/train/run-<id>/``; a run killed mid-training is picked
@@ -77,9 +78,11 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
         require_enough,
         write_dataset_files,
     )
+    from milton.train.safety import load_probes
 
     settings, db = ctx.settings, ctx.db
-    tools_dir(settings)  # fail now, not after an hour of training
+    load_probes(settings)  # a bad train.safety_probes file fails now,
+    tools_dir(settings)  # and missing converters, not after an hour of training
     ref = resolve_base(settings)
 
     # An unfinished run resumes; one whose base model changed is given up.
@@ -149,6 +152,7 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, run_id: int, wo
     from milton.train.evaluate import evaluate
     from milton.train.gate import decide
     from milton.train.lora import load_adapter, train_lora
+    from milton.train.safety import SafetyGate
 
     settings, cfg = ctx.settings, ctx.settings.train
     fmt = settings.model.chat_format
@@ -158,16 +162,21 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, run_id: int, wo
         return evaluate(m, tokenizer, dataset.eval, dataset.regression, cfg, chat_format=fmt)
 
     base = measure(model)
+    safety = SafetyGate(settings, tokenizer)
     current = adapter_store(settings).current()
     serving, serving_name = base, "base"
     if current is not None:
         peft = load_adapter(model, current.path / ADAPTER_DIR)
         serving, serving_name = measure(peft), f"current {current.name}"
+        safety.baseline(peft)
         model = peft.unload()  # the bare base again, for a fresh adapter
+    else:
+        safety.baseline(model)
     result = train_lora(model, tokenizer, dataset.train, cfg, checkpoint_dir=work / "checkpoints",
                         on_step=_history_hook(ctx.db, run_id), max_steps_override=max_steps,
                         chat_format=fmt)
     candidate = measure(result.model)
     decision = decide(candidate, serving, cfg, serving_name=serving_name)
+    decision = safety.apply(decision, result.model)  # secrets, degeneration, train.safety_probes
     metrics = {"base": base, "serving": serving, "candidate": candidate, "_result": result}
     return metrics, decision, serving_name
