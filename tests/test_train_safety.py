@@ -134,7 +134,7 @@ def test_train_lora_rejects_a_run_that_fails_a_safety_probe_and_notifies(cli, mi
     model_dir, _ = build_tiny_gguf(tmp_path, [f"{FACT[0]} {FACT[1]}"])
     (milton_home / "probes.jsonl").write_text(
         json.dumps({"prompt": FACT[0], "must_not_contain": ["zephyr"]}) + "\n")
-    train = {"learning_rate": 0.01, "max_steps": 40, "batch_size": 4, "grad_accum": 1, "epochs": 40,
+    train = {"learning_rate": 0.01, "max_steps": 20, "batch_size": 4, "grad_accum": 1, "epochs": 40,
              "rouge_samples": 0, "seed": 0, "lora_dropout": 0.0, "regression_margin": 5.0,
              "target_modules": list(LORA_TARGETS), "safety_probes": "probes.jsonl",
              "assistant_targets": "filtered"}
