@@ -56,6 +56,7 @@ from milton.train.targets import (
     degenerate,
     ratings,
     report_metrics,
+    request_id,
     resolve_policy,
     select_targets,
 )
@@ -246,8 +247,7 @@ def _session_candidates(db: sqlite_utils.Database, settings: Settings, since: in
         pairs, dropped = exchanges(rows)
         report.sessions += 1
         report.tool_exchanges_skipped += dropped
-        rated = ratings(db, [m["request_id"] for m in (json.loads(r[3]) for r in rows
-                             if r[1] == "assistant" and r[3]) if isinstance(m, dict) and m.get("request_id")])
+        rated = ratings(db, [rid for r in rows if r[1] == "assistant" and (rid := request_id(r[3]))])
         chosen, counts = select_targets([p for p in pairs if p[0] and p[1]], rows, policy, rated)
         targets.add(counts)
         out += [_Candidate("pair", prompt, response, f"session:{session_id}:{ids[0]}-{ids[-1]}"

@@ -198,7 +198,8 @@ Row = tuple[int, str, str, "str | None"]  # (message id, role, content, metadata
 Exchange = tuple[str, str, list[int]]  # (prompt, response, message ids)
 
 
-def _request_id(metadata: str | None) -> str | None:
+def request_id(metadata: str | None) -> str | None:
+    """The completion id serve put in a message's metadata (None: not served, or unreadable)."""
     try:
         meta = json.loads(metadata) if metadata else None
     except ValueError:
@@ -216,7 +217,7 @@ def select_targets(pairs: Sequence[Exchange], rows: Sequence[Row], policy: str,
     out: list[tuple[str, str, list[int], bool]] = []
     for prompt, response, ids in pairs:
         replies = [rows[position[i]] for i in ids if rows[position[i]][1] == "assistant"]
-        verdicts = {rated[r] for r in (_request_id(row[3]) for row in replies) if r in rated}
+        verdicts = {rated[r] for r in (request_id(row[3]) for row in replies) if r in rated}
         # The user's next message, if it comes right after this answer.
         after = position[ids[-1]] + 1
         while after < len(rows) and rows[after][1] == "system":
