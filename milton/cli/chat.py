@@ -58,7 +58,7 @@ def chat_cmd(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Longest reply.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Sampling temperature.")] = None,
 ) -> None:
-    """Chat with the local assistant in the terminal (streaming; /remember, /forget, /end)."""
+    """Chat with the local assistant in the terminal (streaming; /remember, /forget, /good, /bad, /end)."""
     from milton.serve.chat import ChatSession, console_io, default_user, run_chat
 
     settings = State.settings()

@@ -456,6 +456,21 @@ class TrainConfig(_Section):
     sensitive_patterns: list[str] = Field(
         default_factory=list, description="Extra regular expressions treated as secrets."
     )
+    assistant_targets: str = Field(
+        default="auto", pattern="^(auto|filtered|confirmed|none)$",
+        description="Which assistant answers become training targets. filtered: every answer "
+        "not marked bad (a /bad or POST /v1/feedback rating, a correction in the user's next "
+        "message, degenerate text); confirmed: only answers rated good, plus the user's "
+        "corrections; none: only corrections; auto: confirmed for the packaged Gemma 3 270M and a "
+        "model.base whose name marks a base model (base, -pt; base models answer too often "
+        "wrongly to learn from themselves), else filtered.",
+    )
+    safety_probes: str = Field(
+        default="",
+        description="A JSONL file of extra safety probes checked before an adapter is promoted, "
+        'one per line: {"prompt": ..., "must_contain": [...], "must_not_contain": [...]} '
+        "(case-insensitive substrings of the greedy answer; # lines are comments). Empty = none.",
+    )
     lora_r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: float = Field(default=32.0, gt=0, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout.")

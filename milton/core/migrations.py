@@ -458,3 +458,23 @@ def m011_training_facts(db: sqlite_utils.Database) -> None:
     for column in ("recall_new", "recall_retention", "serving_recall_new",
                    "serving_recall_retention"):
         db.execute(f"alter table training_runs add column {column} real")
+
+
+@migration
+def m012_feedback(db: sqlite_utils.Database) -> None:
+    # Ratings of assistant answers (POST /v1/feedback, /good and /bad in milton chat), keyed by
+    # the completion id that is in the answer's message metadata (request_id). Append only: the
+    # latest rating of a completion counts; train-lora reads them to pick training targets.
+    db.execute(
+        """
+        create table feedback (
+            id integer primary key,
+            completion_id text not null,
+            rating text not null check (rating in ('good', 'bad')),
+            source text,
+            note text,
+            ts real not null
+        )
+        """
+    )
+    db.execute("create index feedback_completion on feedback (completion_id, id)")

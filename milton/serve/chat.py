@@ -25,6 +25,8 @@ from milton.core.errors import InputError, MiltonError
 HELP = """Commands:
   /remember TEXT   store TEXT as a long-term memory
   /forget QUERY    delete the memory that best matches QUERY (asks first)
+  /good, /bad      rate the last answer (bad ones are never trained on; a correction
+                   like "no, it's X" in your next message works too)
   /end             end this session now (it is processed into memory) and start a new one
   /new             forget the conversation on screen (the session goes on)
   /help            this text
@@ -44,6 +46,7 @@ class ChatSession:
     model: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
     timeout_s: float = 600.0
+    last_id: str | None = None  # the completion id of the last answer, for /good and /bad
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "text/event-stream"}
@@ -72,15 +75,27 @@ class ChatSession:
         if self.temperature is not None:
             body["temperature"] = self.temperature
         reply: list[str] = []
+        seen: dict[str, str] = {}
+        self.last_id = None
         with client.stream("POST", f"{self.url}/v1/chat/completions", json=body,
                            headers=self._headers(), timeout=self.timeout_s) as response:
             if response.status_code != 200:
                 response.read()
                 _check(response)
-            for piece in _sse_deltas(response.iter_lines()):
+            for piece in _sse_deltas(response.iter_lines(), seen):
                 reply.append(piece)
                 yield piece
         self.history = [*messages, {"role": "assistant", "content": "".join(reply)}]
+        self.last_id = seen.get("id")
+
+    def rate(self, client: httpx.Client, rating: str) -> str:
+        """Send ``rating`` (good/bad) for the last answer through ``POST /v1/feedback``."""
+        if self.last_id is None:
+            raise InputError(f"/{rating}: no answer to rate yet")
+        headers = {k: v for k, v in self._headers().items() if k != "Accept"}
+        _check(client.post(f"{self.url}/v1/feedback", json={"id": self.last_id, "rating": rating},
+                           headers=headers, timeout=60))
+        return self.last_id
 
 
 def _check(response: httpx.Response) -> httpx.Response:
@@ -93,8 +108,9 @@ def _check(response: httpx.Response) -> httpx.Response:
     raise MiltonError(f"server answered {response.status_code}: {message}")
 
 
-def _sse_deltas(lines: Iterator[str]) -> Iterator[str]:
-    """Content deltas from OpenAI ``chat.completion.chunk`` server-sent events."""
+def _sse_deltas(lines: Iterator[str], seen: dict[str, str] | None = None) -> Iterator[str]:
+    """Content deltas from OpenAI ``chat.completion.chunk`` server-sent events; the completion's
+    ``id`` goes into ``seen``."""
     for line in lines:
         if not line.startswith("data:"):
             continue
@@ -107,6 +123,8 @@ def _sse_deltas(lines: Iterator[str]) -> Iterator[str]:
             continue
         if "error" in chunk:
             raise MiltonError(f"server error mid-stream: {chunk['error'].get('message')}")
+        if seen is not None and isinstance(chunk.get("id"), str):
+            seen["id"] = chunk["id"]
         for choice in chunk.get("choices", []):
             content = (choice.get("delta") or {}).get("content")
             if content:
@@ -214,6 +232,10 @@ def run_chat(settings: Settings, chat: ChatSession, *, read: Callable[[str], str
                     n = end_session(settings, chat.user)
                     chat.history, chat.user = [], default_user()
                     write(f"session ended ({n} processed); a new one starts with your next message\n")
+                elif command in ("/good", "/bad"):
+                    chat.rate(client, command[1:])
+                    write("rated bad: it will not be learned from\n" if command == "/bad"
+                          else "rated good: it may be learned from\n")
                 elif command == "/new":
                     chat.history = []
                     write("conversation cleared\n")

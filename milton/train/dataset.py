@@ -17,6 +17,10 @@ from them. Decisions worth knowing:
   sessions, which a model trained on it would learn to recite (and ``training_items`` has no
   column for them). Sessions with fewer than ``train.min_session_messages`` user and
   assistant messages are not used.
+* **Targets.** An answer is trained on only when nothing marks it bad and
+  ``train.assistant_targets`` allows it (:mod:`milton.train.targets`): a correction in the
+  user's next message replaces it, a bad rating drops it, degenerate text is never a target
+  (``build_dataset`` checks stored items again, so older ones are kept out of replay too).
 * **Documents.** Chunks of ingested documents (long-term 'knowledge' memories whose source is a
   ``documents`` path) created at or after the document watermark become ``text`` items.
 * **Secrets.** Every item passes :class:`~milton.train.redact.SecretFilter` before it is
@@ -47,6 +51,15 @@ from milton.core.config import Settings
 from milton.core.fsio import atomic_write_bytes
 from milton.core.jobs import Skip
 from milton.train.redact import SecretFilter
+from milton.train.targets import (
+    TargetReport,
+    degenerate,
+    ratings,
+    report_metrics,
+    request_id,
+    resolve_policy,
+    select_targets,
+)
 
 FINISHED = ("promoted", "rejected")
 GENERAL_SOURCE = "builtin:general"
@@ -80,6 +93,7 @@ class ExportReport:
     by_kind: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
     tool_exchanges_skipped: int = 0
+    targets: dict[str, Any] = field(default_factory=dict)  # what happened to assistant answers
     watermark_message_id: int = 0
     watermark_document_ts: float = 0.0
     train_ids: list[int] = field(default_factory=list)
@@ -225,14 +239,21 @@ def _session_candidates(db: sqlite_utils.Database, settings: Settings, since: in
         "where m.session_id = s.id and m.role in ('user', 'assistant')) >= ? order by s.started, s.id",
         [since, settings.train.min_session_messages]).fetchall()
     out: list[_Candidate] = []
+    policy = resolve_policy(settings)
+    targets = TargetReport()
     for (session_id,) in sessions:
         rows = db.execute("select id, role, content, metadata from messages where session_id = ? "
                           "order by seq", [session_id]).fetchall()
         pairs, dropped = exchanges(rows)
         report.sessions += 1
         report.tool_exchanges_skipped += dropped
-        out += [_Candidate("pair", prompt, response, f"session:{session_id}:{ids[0]}-{ids[-1]}")
-                for prompt, response, ids in pairs if prompt and response]
+        rated = ratings(db, [rid for r in rows if r[1] == "assistant" and (rid := request_id(r[3]))])
+        chosen, counts = select_targets([p for p in pairs if p[0] and p[1]], rows, policy, rated)
+        targets.add(counts)
+        out += [_Candidate("pair", prompt, response, f"session:{session_id}:{ids[0]}-{ids[-1]}"
+                           + (":corrected" if fixed else ""))
+                for prompt, response, ids, fixed in chosen]
+    report.targets = {"policy": policy, **report_metrics(targets)}
     return out
 
 
@@ -406,6 +427,10 @@ class _Refilter:
             if len(kept) >= limit:
                 break
             for item in _fetch(db, ids[start:start + 256]):
+                if item.kind == "pair" and item.source.startswith("session:") \
+                        and degenerate(item.response) is not None:
+                    self.changed += 1  # stored before targets were checked: never trained on
+                    continue
                 cand = _Candidate(item.kind, item.prompt, item.response, item.source)
                 screened = _screen(cand, self.filter, self.mode, None, Counter())
                 self.changed += int(screened is not cand)

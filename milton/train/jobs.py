@@ -1,4 +1,5 @@
-"""The nightly train-lora job: export, train, evaluate, gate, publish, notify.
+"""The nightly train-lora job: export, train, evaluate, gate (quality, then safety:
+:mod:`milton.train.safety`), publish, notify.
 
 One ``training_runs`` row per attempt. It stays 'running' while the work goes on, with its
 dataset and checkpoints under ``data/train/run-<id>/``; a run killed mid-training is picked
@@ -115,9 +116,11 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
         write_dataset_files,
     )
     from milton.train.taught import export_facts
+    from milton.train.safety import load_probes
 
     settings, db = ctx.settings, ctx.db
-    tools_dir(settings)  # fail now, not after an hour of training
+    load_probes(settings)  # a bad train.safety_probes file fails now,
+    tools_dir(settings)  # and missing converters, not after an hour of training
     ref = resolve_base(settings)
 
     # An unfinished run resumes; one whose base model changed is given up.
@@ -275,6 +278,7 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught,
     from milton.train.gate import decide
     from milton.train.lora import load_adapter, train_lora
     from milton.train.recall import recall
+    from milton.train.safety import SafetyGate
 
     settings, cfg = ctx.settings, ctx.settings.train
     fmt = settings.model.chat_format
@@ -290,6 +294,7 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught,
                 out[f"recall_{name}_detail"] = probed
         return out
 
+    safety = SafetyGate(settings, tokenizer)
     current = adapter_store(settings).current()
     base = measure(model, probe=current is None)  # base recall only matters when it serves
     serving, serving_name = base, "base"
@@ -298,7 +303,10 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught,
         peft = load_adapter(model, current.path / ADAPTER_DIR, trainable=continuing)
         serving, serving_name = measure(peft), f"current {current.name}"
         # continue: train the promoted adapter further; retrain: the bare base again, fresh
+        safety.baseline(peft)
         model = peft if continuing else peft.unload()
+    else:
+        safety.baseline(model)
     new_keys = {f.key for f in taught.new}
     watched = taught.new + [f for f in taught.trained if f.key not in new_keys]
     early = EarlyStop(cfg, len(dataset.train), watched,
@@ -310,5 +318,6 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught,
     candidate = measure(result.model)
     candidate["early_stop"] = early.as_dict()
     decision = decide(candidate, serving, cfg, serving_name=serving_name)
+    decision = safety.apply(decision, result.model)  # secrets, degeneration, train.safety_probes
     metrics = {"base": base, "serving": serving, "candidate": candidate, "_result": result}
     return metrics, decision, serving_name

@@ -1,5 +1,5 @@
 """The OpenAI-compatible API: ``POST /v1/chat/completions`` (streaming too), ``GET /v1/models``,
-``POST /v1/embeddings``.
+``POST /v1/embeddings``, and Milton's ``POST /v1/feedback`` (rate an answer by its id).
 
 A chat request is validated and size-limited (400/413), checked against the served model (404),
 admitted to the bounded queue in front of the one model context (429 when full, 503 while no
@@ -44,12 +44,14 @@ from milton.serve.api.auth import ApiKeyMiddleware
 from milton.serve.api.context import ChatMemory
 from milton.serve.api.embeddings import Embeddings
 from milton.serve.api.errors import ApiError, v1_http_errors
+from milton.serve.api.feedback import Feedback
 from milton.serve.api.job import ChatJob
 from milton.serve.api.metrics import ApiMetrics
 from milton.serve.api.queue import QueueFull, RequestQueue
 from milton.serve.api.schema import (
     CHAT_SCHEMA,
     EMBEDDINGS_SCHEMA,
+    FEEDBACK_SCHEMA,
     chunk_body,
     completion_body,
     json_body,
@@ -99,6 +101,7 @@ class OpenAIService:
         self.gate = RequestQueue(self.serve.max_queue)  # named gate: tests and telemetry read it
         self.memory = ChatMemory(settings, self.metrics, background=background)
         self.embeddings = Embeddings(settings, self.memory, self.metrics)
+        self.feedback = Feedback(settings, self.metrics)
         self.started = int(time.time())
         self.closing = False
         self._inflight: dict[str, threading.Event] = {}
@@ -584,6 +587,8 @@ class OpenAIService:
                              openapi_extra=json_body(CHAT_SCHEMA))
         router.add_api_route("/embeddings", self.embeddings.create, methods=["POST"],
                              openapi_extra=json_body(EMBEDDINGS_SCHEMA))
+        router.add_api_route("/feedback", self.feedback.create, methods=["POST"],
+                             openapi_extra=json_body(FEEDBACK_SCHEMA))
 
         @router.get("/models")
         def list_models() -> dict[str, Any]:

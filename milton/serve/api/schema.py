@@ -60,6 +60,15 @@ EMBEDDINGS_SCHEMA: dict[str, Any] = {
     },
 }
 
+FEEDBACK_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["id", "rating"],
+    "properties": {
+        "id": {"type": "string", "minLength": 1, "maxLength": 200},
+        "rating": {"type": "string", "enum": ["good", "bad"]},
+        "note": {"type": "string", "maxLength": 2000},
+    },
+}
+
 
 # -- bodies ------------------------------------------------------------------------------------
 async def read_json(request: Request) -> Any:
