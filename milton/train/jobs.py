@@ -115,8 +115,8 @@ def train_lora_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str
         watermarks,
         write_dataset_files,
     )
-    from milton.train.taught import export_facts
     from milton.train.safety import load_probes
+    from milton.train.taught import export_facts
 
     settings, db = ctx.settings, ctx.db
     load_probes(settings)  # a bad train.safety_probes file fails now,
