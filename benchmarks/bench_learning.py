@@ -123,10 +123,11 @@ def _serve_recall(home: Path, facts: list[tuple[str, str, str]]) -> dict[str, An
     hits, answers = 0, []
     with live_server(home, timeout=180) as server:
         health = httpx.get(f"{server.base}/healthz", timeout=10).json()
+        model = httpx.get(f"{server.base}/v1/models", timeout=10).json()["data"][0]["id"]
         for statement, subject, value in facts:
             question = _ask(statement, subject)
             r = httpx.post(f"{server.base}/v1/chat/completions", headers={"X-Milton-Memory": "off"},
-                           json={"model": "milton", "temperature": 0, "max_tokens": 32, "seed": 0,
+                           json={"model": model, "temperature": 0, "max_tokens": 32, "seed": 0,
                                  "messages": [{"role": "user", "content": question}]}, timeout=120)
             r.raise_for_status()
             text = r.json()["choices"][0]["message"]["content"] or ""
