@@ -122,7 +122,12 @@ def _serve_recall(home: Path, facts: list[tuple[str, str, str]]) -> dict[str, An
 
     hits, answers = 0, []
     with live_server(home, timeout=180) as server:
-        health = httpx.get(f"{server.base}/healthz", timeout=10).json()
+        deadline = time.monotonic() + 300
+        while True:  # serve answers /healthz while the model is still loading
+            health = httpx.get(f"{server.base}/healthz", timeout=10).json()
+            if health.get("chat") != "loading" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         model = httpx.get(f"{server.base}/v1/models", timeout=10).json()["data"][0]["id"]
         for statement, subject, value in facts:
             question = _ask(statement, subject)
