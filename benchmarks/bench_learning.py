@@ -139,6 +139,9 @@ def _serve_recall(home: Path, facts: list[tuple[str, str, str]]) -> dict[str, An
             ok = value.lower() in text.lower()
             hits += ok
             answers.append({"question": question, "answer": text[:160], "expected": value, "ok": ok})
+    # serve logged these questions in a session that is still open, and an open session holds
+    # back the next export (train.dataset's watermark): end it, as the idle timer would
+    _cli(home, "sessions", "end")
     return {"recall": hits / len(facts), "n": len(facts), "answers": answers,
             "adapter": health.get("adapter")}
 
