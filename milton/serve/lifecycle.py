@@ -120,13 +120,14 @@ class EngineLifecycle:
         if self._closed.is_set():  # shut down while loading
             engine.close()
             return
-        self.engine, self.watcher = engine, watcher
+        self.watcher = watcher
         if watcher is not None:
             watcher.start()
         if hasattr(engine, "swap_base"):
             self.base_watcher = BaseWatcher(engine, self.settings, adapters=watcher)
             self.base_watcher.start()
         api.set_engine(engine)
+        self.engine = engine  # last: /healthz says "ok" only once chat requests are served
         log_event(logger, "language model loaded", model=engine.info().model_id,
                   adapter=engine.info().adapter_version, load_s=round(time.perf_counter() - t0, 2))
 
