@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
+import pytest
 from secrets_corpus import SECRETS
 
 from milton.core.config import load_settings
@@ -17,6 +18,13 @@ from milton.train.dataset import export_new_items
 
 NOW = datetime(2024, 6, 1, 2, 0, tzinfo=timezone.utc)
 PICKED = ("openai_proj", "env_db_pass", "card_visa", "wifi_phrase")
+
+
+@pytest.fixture(autouse=True)
+def _assistant_answers_are_targets(monkeypatch):
+    """Unrated answers count as targets here (the packaged base's default, confirmed, would
+    leave them out whatever the filter says), so these tests see the secret filter at work."""
+    monkeypatch.setenv("MILTON_TRAIN__ASSISTANT_TARGETS", "filtered")
 
 
 def _conversation(first: str, tag: str) -> dict:
