@@ -230,7 +230,7 @@ def test_schema_driven_requests_never_get_a_5xx(milton_home, embedder):
         assert len(operations) >= 10
         def exercise(operation, mode) -> None:
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=EXAMPLES, deadline=None, database=None,
+            @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             def run(case) -> None:
                 if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
