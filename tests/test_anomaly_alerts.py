@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live_server import wait_until
 from ntfy_server import NtfyServer
 
 from milton.anomaly.alerts import (
@@ -206,6 +207,8 @@ def test_live_serve_dedupes_notifies_and_lists(tmp_path: Path):
             idents = [(a["host"], a["name"], a["username"], a["exe"]) for a in alerts]
             assert len(idents) == len(set(idents))  # counts went up, rows did not multiply
             assert body["open"] == len(alerts)
+            # the notification is sent off the request path: give a loaded machine time
+            wait_until(lambda: ntfy.received, timeout=30)
             assert len(ntfy.received) == 1 and "new alert" in ntfy.received[0].title
             assert alerts[-1]["name"] in ntfy.received[0].text or len(alerts) > 10
             report = gather_status(settings, use_systemd=False)
