@@ -181,7 +181,7 @@ def test_train_lora_rejects_a_run_that_fails_a_safety_probe_and_notifies(cli, mi
     (f"Sure, it is {PLANTED}", ["openai_key"]), ("my password: hunter2xyz", ["password"]),
 ])
 def test_secret_findings_skip_placeholders_and_bare_key_headers(milton_home, completion, kinds):
-    from milton.train.dataset import secret_filter
+    from milton.core.secrets import secret_filter_for as secret_filter
     from milton.train.safety import secret_kinds
 
     assert secret_kinds(secret_filter(_settings(milton_home)), completion) == kinds

@@ -50,7 +50,7 @@ import sqlite_utils
 from milton.core.config import Settings
 from milton.core.fsio import atomic_write_bytes
 from milton.core.jobs import Skip
-from milton.train.redact import SecretFilter
+from milton.core.secrets import SecretFilter, secret_filter_for
 from milton.train.targets import (
     TargetReport,
     degenerate,
@@ -143,10 +143,6 @@ def content_hash(kind: str, prompt: str | None, response: str) -> str:
 def _unit(seed: int, digest: str) -> float:
     """A stable number in [0, 1) per (seed, item): the split and regression order key."""
     return int(hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest()[:15], 16) / 16**15
-
-
-def secret_filter(settings: Settings) -> SecretFilter:
-    return SecretFilter(settings.train.sensitive_patterns)
 
 
 def _screen(item: _Candidate, filt: SecretFilter, mode: str, report: ExportReport | None,
@@ -318,7 +314,7 @@ def export_new_items(db: sqlite_utils.Database, settings: Settings, run_id: int,
     in the same transaction as the items.
     """
     report = ExportReport()
-    filt = secret_filter(settings)
+    filt = secret_filter_for(settings)
     by_kind: Counter[str] = Counter()
     screened = [c for c in (_screen(i, filt, settings.train.sensitive_mode, report, by_kind)
                             for i in _read_candidates(db, settings, report)) if c is not None]
@@ -414,7 +410,7 @@ class _Refilter:
     an item stored before a pattern was added never reaches training either."""
 
     def __init__(self, settings: Settings) -> None:
-        self.filter = secret_filter(settings)
+        self.filter = secret_filter_for(settings)
         self.mode = settings.train.sensitive_mode
         self.changed = 0
 
@@ -496,7 +492,7 @@ def preview_export(db: sqlite_utils.Database, settings: Settings
     report (counts only; ids stay empty) and the items the secret filter flagged, as (source,
     kind, prompt, response). For ``train-lora --dry-run``."""
     report = ExportReport()
-    filt = secret_filter(settings)
+    filt = secret_filter_for(settings)
     by_kind: Counter[str] = Counter()
     flagged: list[tuple[str, str, str | None, str]] = []
     screened: list[_Candidate] = []

@@ -14,8 +14,8 @@ from typing import Any
 import sqlite_utils
 
 from milton.core.config import Settings
-from milton.core.secrets import Finding
-from milton.train.dataset import preview_export, secret_filter
+from milton.core.secrets import Finding, secret_filter_for
+from milton.train.dataset import preview_export
 
 CONTEXT_CHARS = 30  # shown on each side of a match
 PREFIX_MIN_CHARS = 24  # a match this long keeps its first PREFIX_CHARS characters
@@ -59,7 +59,7 @@ def train_dry_run(db: sqlite_utils.Database, settings: Settings) -> dict[str, An
     """The next train-lora run's data, as a JSON-able dict (see the module docstring)."""
     row = db.execute("select id from training_runs where status = 'running' order by id desc limit 1").fetchone()
     report, flagged = preview_export(db, settings)
-    filt = secret_filter(settings)
+    filt = secret_filter_for(settings)
     action = "excluded" if settings.train.sensitive_mode == "exclude" else "redacted"
     flags: list[Flag] = []
     for source, kind, prompt, response in flagged:

@@ -58,9 +58,9 @@ def export_facts(db: sqlite_utils.Database, settings: Settings, run_id: int, sin
     Re-reading the same statement (a failed run's messages read again) adds nothing: a fact
     is unique per (key, value, source); one stored by an unfinished run moves to this run.
     """
-    from milton.train.dataset import secret_filter
+    from milton.core.secrets import secret_filter_for
 
-    filt = secret_filter(settings)
+    filt = secret_filter_for(settings)
     statements = list(_user_statements(db, since_id, until_id, settings.train.min_session_messages))
     statements += list(_memory_statements(db))
     added = 0
