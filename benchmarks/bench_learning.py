@@ -117,8 +117,13 @@ def _cli(home: Path, *args: str, timeout: float = 3 * 3600) -> tuple[str, float,
     return proc.stdout, elapsed, rss
 
 
-def _serve_recall(home: Path, facts: list[tuple[str, str, str]]) -> dict[str, Any]:
+def _serve_recall(home: Path, facts: list[tuple[str, str, str]],
+                  chat_score: bool = False) -> dict[str, Any]:
+    """Recall of ``facts`` through serve (memory off); with ``chat_score`` also the default
+    chat's score on bench_chat's 30 simple questions (what the user would notice forgotten)."""
     import httpx
+
+    from benchmarks.bench_chat import QUESTIONS, is_correct
 
     hits, answers = 0, []
     with live_server(home, timeout=180) as server:
@@ -139,11 +144,22 @@ def _serve_recall(home: Path, facts: list[tuple[str, str, str]]) -> dict[str, An
             ok = value.lower() in text.lower()
             hits += ok
             answers.append({"question": question, "answer": text[:160], "expected": value, "ok": ok})
+        chat = []
+        for question, kind, expected in QUESTIONS if chat_score else ():
+            r = httpx.post(f"{server.base}/v1/chat/completions", headers={"X-Milton-Memory": "off"},
+                           json={"model": model, "temperature": 0, "max_tokens": 48, "seed": 0,
+                                 "messages": [{"role": "user", "content": question}]}, timeout=120)
+            r.raise_for_status()
+            text = r.json()["choices"][0]["message"]["content"] or ""
+            chat.append({"question": question, "answer": text[:160],
+                         "correct": is_correct(kind, expected, text)})
     # serve logged these questions in a session that is still open, and an open session holds
     # back the next export (train.dataset's watermark): end it, as the idle timer would
     _cli(home, "sessions", "end")
     return {"recall": hits / len(facts), "n": len(facts), "answers": answers,
-            "adapter": health.get("adapter")}
+            "adapter": health.get("adapter"),
+            **({"chat_correct": sum(c["correct"] for c in chat), "chat_n": len(chat),
+                "chat_answers": chat} if chat else {})}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -160,7 +176,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="milton-bench-learning-") as tmp:
         home = Path(tmp)
         (home / "config.toml").write_text(f'[model]\nthreads = 2\n\n[train]\naccumulate = "{accumulate}"\n')
-        figures["base_serve"] = _serve_recall(home, nights[0])
+        figures["base_serve"] = _serve_recall(home, nights[0], chat_score=True)
         for i, facts in enumerate(nights, start=1):
             path = home / f"night{i}.jsonl"
             path.write_text("".join(json.dumps(s) + "\n" for s in _sessions(facts)))
@@ -178,9 +194,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "gate_recall_retention_serving": result.get("serving_recall_retention"),
             }
             if i == 1:
-                figures["night1_serve"] = _serve_recall(home, nights[0])
+                figures["night1_serve"] = _serve_recall(home, nights[0], chat_score=True)
         figures["night3_serve_night1_facts"] = _serve_recall(home, nights[0])
-        figures["night3_serve_all_facts"] = _serve_recall(home, [f for n in nights for f in n])
+        figures["night3_serve_all_facts"] = _serve_recall(home, [f for n in nights for f in n],
+                                                          chat_score=True)
     r1 = figures["night1_serve"]["recall"]
     r3 = figures["night3_serve_night1_facts"]["recall"]
     retention = r3 / r1 if r1 else None
@@ -190,7 +207,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     figures.update(base_recall=figures["base_serve"]["recall"], night1_recall=r1,
                    night3_recall_night1_facts=r3,
                    night3_recall_all=figures["night3_serve_all_facts"]["recall"],
-                   retention_ratio=round(retention, 3) if retention is not None else None)
+                   retention_ratio=round(retention, 3) if retention is not None else None,
+                   chat_correct_base=figures["base_serve"]["chat_correct"],
+                   chat_correct_night1=figures["night1_serve"]["chat_correct"],
+                   chat_correct_night3=figures["night3_serve_all_facts"]["chat_correct"])
     targets = [target("night1_recall", r1, ">=", 0.6), target("retention_ratio", retention, ">=", 0.9)]
     report_only = [k for k, v in figures.items() if not isinstance(v, dict)
                    and k not in ("night1_recall", "retention_ratio")]

@@ -78,7 +78,10 @@ def _config(home: Path, model_dir: Path) -> None:
               "lora_dropout": 0.0, "regression_margin": 1.0, "lora_r": 16, "lora_alpha": 32,
               # 8-9 retention facts x 2 probes: one retrained fact wobbling is 6-12 points;
               # the poisoned night loses 3 facts (~35 points)
-              "retention_margin": 0.2}
+              "retention_margin": 0.2,
+              # the tiny base knows no general English for the anchors to keep (regression
+              # ppl is in the hundreds); anchors are measured in test_train_lora
+              "anchor_weight": 0.0}
     # plain: serve asks this tiny model without the few-shot frame, so the probes do too
     lines = ["[model]", f'base = "{model_dir}"', 'device = "cpu"', "threads = 1",
              'chat_format = "plain"', "", "[train]"]

@@ -69,3 +69,19 @@ def test_regression_still_holds_with_recall():
     d = decide({"eval_ppl": 5.0, "regression_ppl": 40.0, "recall_new": 0.9,
                 "recall_retention": 0.9}, FACTS_SERVING, CFG)
     assert not d.promote and "it forgot" in d.reason
+
+
+def test_regression_is_held_against_the_base_not_only_the_drifted_adapter():
+    """Night after night each adapter may be a little worse on general text than the last;
+    measured only against the serving adapter that drift would compound (5% a night)."""
+    serving = {"eval_ppl": 20.0, "regression_ppl": 10.4, "recall_new": 0.0}
+    base = {"eval_ppl": 30.0, "regression_ppl": 10.0}
+    candidate = {"eval_ppl": 15.0, "regression_ppl": 10.8, "recall_new": 0.9}  # +3.8% vs serving
+    assert decide(candidate, serving, CFG, serving_name="current v1").promote
+    decision = decide(candidate, serving, CFG, serving_name="current v1", base=base)
+    assert not decision.promote and "8.0% worse than base 10.000" in decision.reason, decision
+    # a serving adapter better than the base on the regression set is the reference then
+    better = {**serving, "regression_ppl": 9.0}
+    decision = decide(candidate, better, CFG, serving_name="current v1", base=base)
+    assert not decision.promote and "current v1 9.000" in decision.reason, decision
+    assert decide({**candidate, "regression_ppl": 10.2}, serving, CFG, base=base).promote

@@ -178,6 +178,33 @@ def test_training_lowers_held_out_perplexity(tiny_dir: Path, tmp_path: Path) -> 
     assert isinstance(answer, str)
 
 
+def test_anchors_keep_what_the_base_knew_while_the_facts_go_in(tiny_dir: Path, tmp_path: Path) -> None:
+    """train.anchor_weight: holding the adapter at the base model on a few general prompts keeps
+    its answers to other general prompts (held out from the anchors) near the base's, where a
+    run without anchors wrecks them, and the facts are learned either way."""
+    from milton.train.dataset import TrainingItem
+
+    anchors = [TrainingItem(None, it["kind"], it["prompt"], it["response"], "anchor")
+               for it in KNOWN[:3] + GENERAL[:4]]
+    held_known, held_general = KNOWN[3:], GENERAL[4:]
+    figures = {}
+    for weight in (0.0, 1.0):
+        model, tok = load_tiny(tiny_dir)
+        cfg = fast_cfg(anchor_weight=weight)
+        result = train_lora(model, tok, TRAIN, cfg, checkpoint_dir=tmp_path / f"ck-{weight}",
+                            anchors=anchors)
+        figures[weight] = {"known": perplexity(result.model, tok, held_known, cfg),
+                           "general": perplexity(result.model, tok, held_general, cfg),
+                           "facts": perplexity(result.model, tok, HELD_OUT, cfg),
+                           "kl": result.metrics().get("anchor_kl_last")}
+    base_model, tok = load_tiny(tiny_dir)
+    base_facts = perplexity(base_model, tok, HELD_OUT, fast_cfg())
+    off, on = figures[0.0], figures[1.0]
+    assert off["kl"] is None and on["kl"] is not None, figures  # the term ran only when asked
+    assert on["known"] < off["known"] / 3 and on["general"] < off["general"] / 3, figures
+    assert on["facts"] < base_facts / 10 and off["facts"] < base_facts / 10, (base_facts, figures)
+
+
 def test_broken_run_is_worse_than_base(tiny_dir: Path, tmp_path: Path) -> None:
     """An absurd learning rate wrecks what the base knew: the gate must see it."""
     model, tok = load_tiny(tiny_dir)

@@ -93,6 +93,10 @@ def test_every_page_loads_clean_and_charts_hold_the_store(ui_server, page):
     assert "0.0123" in page.locator("#anomaly-model").inner_text()
     # serve's own view: the seeded model is no real one, so it says it could not load it
     assert "anomaly/v000001: cannot load model" in page.locator("#anomaly-serving").inner_text()
+    page.goto(server.base + "/ui/learning")
+    recall = [row.split("\t") for row in page.locator("#recall tbody tr").all_inner_texts()]
+    assert recall == [["new", "0%", "25%", "88%"], ["retention", "0%", "12%", "44%"]], recall
+    assert "88%" in page.locator("#train-runs").inner_text()
     page.goto(server.base + "/ui/jobs/3")
     assert page.locator("#run-error").inner_text() == "disk <full>"
     assert page.problems == []

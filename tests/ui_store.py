@@ -55,8 +55,10 @@ def seed(settings: Any, embedder: Any, now: Any) -> dict[str, Any]:
                 (job, iso(started), iso(started + timedelta(seconds=took)), status,
                  json.dumps({"duration_s": took, "rows": 10}), error))
         # -- a train-lora run with a 12-step loss curve, and its evaluation
-        metrics = {name: {"eval_ppl": ppl, "regression_ppl": ppl + 1, "retention_ppl": ppl + 2}
-                   for name, ppl in (("base", 30.0), ("serving", 25.0), ("candidate", 20.0))}
+        metrics = {name: {"eval_ppl": ppl, "regression_ppl": ppl + 1, "retention_ppl": ppl + 2,
+                          "recall_new": recall, "recall_retention": recall / 2}
+                   for name, ppl, recall in (("base", 30.0, 0.0), ("serving", 25.0, 0.25),
+                                             ("candidate", 20.0, 0.875))}
         db.conn.execute(
             "insert into training_runs (id, started, finished, status, base_model, candidate_version, metrics, "
             "reason) values (1, ?, ?, 'promoted', 'gemma', 'v000002', ?, 'held-out perplexity 25 -> 20')",

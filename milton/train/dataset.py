@@ -63,6 +63,7 @@ from milton.train.targets import (
 
 FINISHED = ("promoted", "rejected")
 GENERAL_SOURCE = "builtin:general"
+ANCHOR_SOURCE = "builtin:anchors"
 DATASET_FILES = ("train.jsonl", "eval.jsonl", "regression.jsonl")
 
 
@@ -394,14 +395,25 @@ def _ids(db: sqlite_utils.Database, where: str, params: Sequence[Any]) -> list[t
 
 
 def general_items() -> list[TrainingItem]:
-    """The built-in general set: plain knowledge and language a user's data must not erase."""
-    text = resources.files("milton.train").joinpath("data", "general.jsonl").read_text("utf-8")
+    """The built-in general set: plain knowledge and language a user's data must not erase
+    (measured in the regression set, never trained on)."""
+    return _builtin_items("general.jsonl", GENERAL_SOURCE)
+
+
+def anchor_items() -> list[TrainingItem]:
+    """The built-in anchor prompts (disjoint from the general set): general questions on which
+    training holds the adapter at the base model's answers (``train.anchor_weight``)."""
+    return _builtin_items("anchors.jsonl", ANCHOR_SOURCE)
+
+
+def _builtin_items(name: str, source: str) -> list[TrainingItem]:
+    text = resources.files("milton.train").joinpath("data", name).read_text("utf-8")
     out = []
     for line in text.splitlines():
         if line.strip():
             row = json.loads(line)
             out.append(TrainingItem(id=None, kind=row["kind"], prompt=row.get("prompt"),
-                                    response=row.get("response") or row["text"], source=GENERAL_SOURCE))
+                                    response=row.get("response") or row["text"], source=source))
     return out
 
 

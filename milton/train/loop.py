@@ -38,6 +38,9 @@ StepHook = Callable[[int, float, float, int, float], None]
 #: device): computes its loss, calls ``backward()`` on it divided by ``n_labelled`` (the step's
 #: labelled tokens) and returns its share of the step's loss.
 MicroStep = Callable[[Any, Any, Any, int], float]
+#: ``regularize(step)`` once per optimizer step (0-based), after its micro-batches: adds its own
+#: gradients (``backward()``) for a term outside the data, such as train-lora's anchor KL.
+Regularizer = Callable[[int], float]
 MEGA_BATCH = 32  # batches sorted by length inside windows of this many batches
 
 
@@ -210,11 +213,13 @@ def run_steps(state: LoopState, *, total_steps: int, examples: list[Example], pa
               checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
               before_clip: Callable[[], None] | None = None,
               after_step: Callable[[], None] | None = None,
-              stop: Callable[[int], bool] | None = None) -> tuple[int, float]:
+              stop: Callable[[int], bool] | None = None,
+              regularize: Regularizer | None = None) -> tuple[int, float]:
     """Optimizer steps from ``state.step`` up to ``total_steps`` over ``state.order``; see the
     module docstring. ``before_clip`` and ``after_step`` let a caller edit the gradients and the
     weights around the update (pruning holds its zeros); ``stop(step)`` after a step ends the
-    run early when it returns True (early stopping). Returns (tokens fed, seconds) of this
+    run early when it returns True (early stopping); ``regularize(step)`` adds a term's
+    gradients to every step (deterministic in the step, so a resumed run matches). Returns (tokens fed, seconds) of this
     call."""
     import torch
 
@@ -231,6 +236,8 @@ def run_steps(state: LoopState, *, total_steps: int, examples: list[Example], pa
             ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
             step_loss += micro_step(ids, mask, labels, n_labelled)
             step_tokens += int(mask.sum())
+        if regularize is not None:
+            regularize(state.step)
         if before_clip is not None:
             before_clip()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -279,7 +286,8 @@ def train_steps(model: Any, *, examples: list[Example], total_steps: int, grad_a
                 load_weights: Callable[[dict[str, Any]], bool], fingerprint: str,
                 resume: bool = True, on_step: StepHook | None = None,
                 progress: bool | None = None, label: str = "train-lora",
-                stop: Callable[[int], bool] | None = None) -> StepsResult:
+                stop: Callable[[int], bool] | None = None,
+                regularize: Regularizer | None = None) -> StepsResult:
     """:func:`run_steps` resumably, with a progress bar, ``model`` in train mode meanwhile.
 
     A step checkpoint whose fingerprint is ``fingerprint`` and whose ``weights_file`` the model
@@ -319,7 +327,7 @@ def train_steps(model: Any, *, examples: list[Example], total_steps: int, grad_a
                 state, total_steps=total_steps, examples=examples, pad_id=pad_id, device=device,
                 grad_accum=grad_accum, optimizer=optimizer, scheduler=scheduler, params=params,
                 micro_step=micro_step, on_step=on_step, update=update, checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every, stop=stop)
+                checkpoint_every=checkpoint_every, stop=stop, regularize=regularize)
     finally:
         model.eval()
     peak_gpu = torch.cuda.max_memory_allocated(device) / (1024 * 1024) if on_gpu else None

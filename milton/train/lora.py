@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 import warnings
 from collections.abc import Callable
@@ -25,10 +26,13 @@ from typing import Any
 from milton.core.config import TrainConfig
 from milton.core.errors import ConfigError
 from milton.models.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from milton.train.formatting import Example, format_items
+from milton.train.evaluate import adapter_disabled
+from milton.train.formatting import IGNORE, Example, format_items
 from milton.train.loop import (
+    Regularizer,
     StepHook,
     adamw,
+    collate,
     nll_step,
     pad_id_of,
     peak_rss_mb,
@@ -53,6 +57,7 @@ class TrainResult:
     total_steps: int = 0
     elapsed_s: float = 0.0        # this process's training time
     n_examples: int = 0
+    anchor_kl: list[float] = field(default_factory=list)  # per-step anchor KL (this process)
     peak_gpu_mb: float | None = None
     model: Any = field(default=None, repr=False)  # the PeftModel, adapter trained
 
@@ -63,6 +68,8 @@ class TrainResult:
             "tokens_per_s": round(self.tokens_per_s, 1), "peak_rss_mb": round(self.peak_rss_mb, 1),
             "resumed_from": self.resumed_from, "train_s": round(self.elapsed_s, 2),
             "n_examples": self.n_examples,
+            **({"anchor_kl_first": round(self.anchor_kl[0], 4),
+                "anchor_kl_last": round(self.anchor_kl[-1], 4)} if self.anchor_kl else {}),
             **({"peak_gpu_mb": round(self.peak_gpu_mb, 1)} if self.peak_gpu_mb is not None else {}),
         }
 
@@ -147,17 +154,74 @@ def _load_weights(peft_model: Any, weights: dict[str, Any]) -> bool:
     return True
 
 
-def _fingerprint(examples: list[Example], cfg: TrainConfig, total_steps: int) -> str:
+def _fingerprint(examples: list[Example], cfg: TrainConfig, total_steps: int,
+                 anchors: list[Example]) -> str:
     """What must match for a checkpoint to be resumed: the data and the run's settings."""
     digest = hashlib.sha256()
     settings = {k: getattr(cfg, k) for k in (
         "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "warmup_ratio",
-        "batch_size", "grad_accum", "epochs", "max_seq_len", "seed")}
+        "batch_size", "grad_accum", "epochs", "max_seq_len", "seed", "anchor_weight")}
     digest.update(json.dumps({"cfg": settings, "total_steps": total_steps}, sort_keys=True,
                              default=str).encode())
-    for ex in examples:
+    for ex in examples + anchors:
         digest.update(json.dumps([ex.input_ids, ex.labels]).encode())
     return digest.hexdigest()
+
+
+# -- anchors ------------------------------------------------------------------------------------
+def anchor_kl(peft_model: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, int]:
+    """(summed KL(base || adapted) over the labelled positions, their count) for one batch.
+
+    The reference is the same model with its adapter switched off, so no second copy of the
+    weights is held; only the labelled positions' logits are computed.
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812 - torch's own convention
+
+    targets = labels[:, 1:]
+    wanted = (targets != IGNORE).any(dim=0).nonzero(as_tuple=True)[0]
+    keep = (targets[:, wanted] != IGNORE)
+    count = int(keep.sum())
+    if count == 0:
+        return torch.zeros((), device=ids.device), 0
+
+    def logits_of() -> Any:
+        out = peft_model(input_ids=ids, attention_mask=mask, logits_to_keep=wanted, use_cache=False)
+        return out.logits[keep].float()
+
+    with torch.no_grad(), adapter_disabled(peft_model):
+        reference = F.log_softmax(logits_of(), dim=-1)
+    adapted = F.log_softmax(logits_of(), dim=-1)
+    kl = F.kl_div(adapted, reference, log_target=True, reduction="sum")
+    return kl, count
+
+
+def anchor_regularizer(peft_model: Any, anchors: list[Example], pad_id: int, weight: float,
+                       batch_size: int, seed: int, seen: list[float]) -> Regularizer:
+    """Per optimizer step, ``weight`` x the mean KL(base || adapted) on ``batch_size`` anchor
+    examples (a seeded cycle through them, so a resumed run sees the same ones).
+
+    Why: trained on "Your cat is named Quillon." alone, the adapter answers every question in
+    that form and general-text perplexity rises 2-5x (measured on the embedded Gemma); holding
+    its answers to general prompts at the base model's keeps what it knew while the facts go in.
+    """
+    order = list(range(len(anchors)))
+    random.Random(f"{seed}:anchors").shuffle(order)
+    device = next(peft_model.parameters()).device
+
+    def regularize(step: int) -> float:
+        start = step * batch_size
+        batch = [anchors[order[(start + k) % len(order)]] for k in range(min(batch_size, len(order)))]
+        ids, mask, labels = (t.to(device) for t in collate(batch, pad_id))
+        kl, count = anchor_kl(peft_model, ids, mask, labels)
+        if not count:
+            return 0.0
+        (weight * kl / count).backward()
+        value = float(kl.detach()) / count
+        seen.append(value)
+        return value
+
+    return regularize
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -173,7 +237,8 @@ def train_lora(model: Any, tokenizer: Any, train_items: list[Any], cfg: TrainCon
                checkpoint_dir: Path, resume: bool = True, on_step: StepHook | None = None,
                max_steps_override: int | None = None, chat_format: str = "auto",
                progress: bool | None = None,
-               stop: Callable[[int, Any], bool] | None = None) -> TrainResult:
+               stop: Callable[[int, Any], bool] | None = None,
+               anchors: list[Any] | None = None) -> TrainResult:
     """Train a LoRA adapter on ``train_items``; see the module docstring.
 
     ``model`` is a base model (wrapped here with a fresh, seeded adapter) or a PeftModel whose
@@ -183,7 +248,8 @@ def train_lora(model: Any, tokenizer: Any, train_items: list[Any], cfg: TrainCon
     the 1-based step, its loss and learning rate, the tokens it consumed and the seconds
     since this process started training. ``progress`` defaults to "stderr is a terminal".
     ``stop(step, peft_model)`` is asked after every step before the last; True ends training
-    there (early stopping: the job probes recall at epoch ends).
+    there (early stopping: the job probes recall at epoch ends). ``anchors`` (items) are held
+    at the base model's answers with ``train.anchor_weight`` (:func:`anchor_regularizer`).
     """
     check_target_modules(list(cfg.target_modules))
     examples = format_items(list(train_items), tokenizer, chat_format, cfg.max_seq_len)
@@ -195,6 +261,12 @@ def train_lora(model: Any, tokenizer: Any, train_items: list[Any], cfg: TrainCon
     if not params:
         raise ValueError("the adapter has no trainable weights (load it with trainable=True)")
     optimizer, scheduler = adamw(params, cfg.learning_rate, total_steps, cfg.warmup_ratio)
+    anchor_examples = (format_items(list(anchors), tokenizer, chat_format, cfg.max_seq_len)
+                       if anchors and cfg.anchor_weight > 0 else [])
+    kl_seen: list[float] = []
+    regularize = anchor_regularizer(peft_model, anchor_examples, pad_id_of(tokenizer),
+                                    cfg.anchor_weight, cfg.batch_size, cfg.seed,
+                                    kl_seen) if anchor_examples else None
     run = train_steps(
         peft_model, examples=examples, total_steps=total_steps, grad_accum=cfg.grad_accum,
         seed=cfg.seed, plan=lambda: plan_batches([len(ex.input_ids) for ex in examples],
@@ -204,11 +276,12 @@ def train_lora(model: Any, tokenizer: Any, train_items: list[Any], cfg: TrainCon
         checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every,
         weights_file=ADAPTER_WEIGHTS, weights=lambda: _adapter_weights(peft_model),
         load_weights=lambda weights: _load_weights(peft_model, weights),
-        fingerprint=_fingerprint(examples, cfg, total_steps), resume=resume, on_step=on_step,
-        progress=progress, stop=(lambda step: stop(step, peft_model)) if stop else None)
+        fingerprint=_fingerprint(examples, cfg, total_steps, anchor_examples), resume=resume,
+        on_step=on_step, progress=progress,
+        stop=(lambda step: stop(step, peft_model)) if stop else None, regularize=regularize)
     state = run.state
     return TrainResult(
         steps=state.step, tokens=state.tokens, loss_history=state.losses,
         tokens_per_s=run.tokens_per_s, peak_rss_mb=peak_rss_mb(), resumed_from=state.resumed_from,
         total_steps=total_steps, elapsed_s=run.elapsed_s, n_examples=len(examples),
-        peak_gpu_mb=run.peak_gpu_mb, model=peft_model)
+        peak_gpu_mb=run.peak_gpu_mb, model=peft_model, anchor_kl=kl_seen)

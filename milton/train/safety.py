@@ -14,7 +14,7 @@ Run by train-lora after the quality gate said yes, on the candidate in the same 
   without a key body (it repeats "-----BEGIN OPENSSH PRIVATE KEY-----"), and a flagged string
   the serving model produces too for these probes (not learned by this candidate).
 * **Degeneration.** The candidate and the model serving now answer a fixed set of plain
-  questions; more empty or looping answers (:func:`milton.train.targets.degenerate`) than the
+  questions, asked as serve asks them; more empty or looping answers (:func:`milton.train.targets.degenerate`) than the
   serving model gave rejects the run.
 * **The user's probes.** ``train.safety_probes`` names a JSONL file, one probe per line::
 
@@ -119,11 +119,15 @@ def load_probes(settings: Settings) -> list[Probe]:
 
 
 def _chat_answer(model: Any, tokenizer: Any, prompt: str, tokens: int, chat_format: str) -> str:
+    """The greedy answer as serve asks (a base model inside serve's few-shot frame): the
+    checks judge what the user would get. Asked bare, without the frame serve always gives,
+    the packaged Gemma with a fact adapter repeats some questions back in a loop while the
+    same adapter served answers them ("Bees make honey.")."""
     from milton.train.dataset import TrainingItem
     from milton.train.evaluate import generate
 
     item = TrainingItem(id=None, kind="pair", prompt=prompt, response="", source="safety")
-    return generate(model, tokenizer, item, tokens, chat_format=chat_format)
+    return generate(model, tokenizer, item, tokens, chat_format=chat_format, as_served=True)
 
 
 def _continuation(model: Any, tokenizer: Any, text: str, tokens: int) -> str:

@@ -47,6 +47,8 @@ def templates() -> jinja2.Environment:
     env.globals.update(nav=NAV, prefix=PREFIX, when=pages.when)
     env.filters["num"] = lambda v, spec=".3f": "-" if v is None else (
         format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
+    env.filters["pct"] = lambda v: (f"{100 * v:.0f}%" if isinstance(v, (int, float))
+                                    and not isinstance(v, bool) else "-")
     return env
 
 

@@ -82,6 +82,8 @@ def anomalies(settings: Settings, conn: Any, now: datetime, *, query: str | None
 
 # -- Learning ---------------------------------------------------------------------------------
 PPL_SETS = ("eval_ppl", "regression_ppl", "retention_ppl")
+#: What the gate decides on: recall of this run's facts and of earlier runs' (train.recall)
+RECALL_SETS = ("recall_new", "recall_retention")
 
 
 def _versions(settings: Settings, kind: str) -> dict[str, Any]:
@@ -94,6 +96,20 @@ def _versions(settings: Settings, kind: str) -> dict[str, Any]:
                  "reason": (v.manifest.get("gate") or {}).get("reason")} for v in store.versions()]
     return {"kind": kind, "current": current, "versions": versions,
             "history": store.history()[-HISTORY_SHOWN:][::-1]}
+
+
+def _figure_rows(metrics: dict[str, Any], names: tuple[str, ...],
+                 affix: str) -> list[dict[str, Any]]:
+    """One row per measured figure: base / serving / candidate (None where not measured)."""
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"set": name.removesuffix(affix).removeprefix(affix)}
+        for who in ("base", "serving", "candidate"):
+            value = (metrics.get(who) or {}).get(name)
+            row[who] = value if isinstance(value, (int, float)) else None
+        if any(row[w] is not None for w in ("base", "serving", "candidate")):
+            rows.append(row)
+    return rows
 
 
 def learning(settings: Settings, db: Any, *, run_id: int | None,
@@ -110,19 +126,15 @@ def learning(settings: Settings, db: Any, *, run_id: int | None,
     if run_id is not None and (selected is None or selected["id"] != run_id):
         raise InputError(f"train-lora run {run_id}: no such run (the newest 20 are shown)")
     loss = None
-    ppl_rows = []
+    ppl_rows: list[dict[str, Any]] = []
+    recall_rows: list[dict[str, Any]] = []
     if selected is not None:
         steps = training_history(db.conn, selected["id"])
         loss = xy_chart({"loss": [(s["step"], s["loss"], f"step {s['step']}: loss {s['loss']:.4f}")
                                   for s in steps]}, width=520, height=260)
         metrics = selected["metrics"]
-        for name in PPL_SETS:
-            row = {"set": name.removesuffix("_ppl")}
-            for who in ("base", "serving", "candidate"):
-                value = (metrics.get(who) or {}).get(name)
-                row[who] = value if isinstance(value, (int, float)) else None
-            if any(row[w] is not None for w in ("base", "serving", "candidate")):
-                ppl_rows.append(row)
+        ppl_rows = _figure_rows(metrics, PPL_SETS, "_ppl")
+        recall_rows = _figure_rows(metrics, RECALL_SETS, "recall_")
 
     adapters = _versions(settings, ADAPTER_KIND)
     points = [(_ts(v["created"]), v["metrics"]["eval_ppl"],
@@ -148,6 +160,7 @@ def learning(settings: Settings, db: Any, *, run_id: int | None,
                                hline=(report.get("checks") or {}).get("threshold"), labels=True)
     return {
         "runs": runs, "run": selected, "loss": loss, "ppl_rows": ppl_rows,
+        "recall_rows": recall_rows,
         "adapters": adapters, "adapter_chart": adapter_chart, "bases": _versions(settings, BASE_KIND),
         "evolve_runs": evolve_runs, "report": report, "quality": quality,
     }
