@@ -134,23 +134,24 @@ def _serve_recall(home: Path, facts: list[tuple[str, str, str]],
                 break
             time.sleep(0.5)
         model = httpx.get(f"{server.base}/v1/models", timeout=10).json()["data"][0]["id"]
+
+        def answer(question: str, max_tokens: int) -> str:
+            r = httpx.post(f"{server.base}/v1/chat/completions", headers={"X-Milton-Memory": "off"},
+                           json={"model": model, "temperature": 0, "max_tokens": max_tokens,
+                                 "seed": 0, "messages": [{"role": "user", "content": question}]},
+                           timeout=120)
+            r.raise_for_status()
+            return r.json()["choices"][0]["message"]["content"] or ""
+
         for statement, subject, value in facts:
             question = _ask(statement, subject)
-            r = httpx.post(f"{server.base}/v1/chat/completions", headers={"X-Milton-Memory": "off"},
-                           json={"model": model, "temperature": 0, "max_tokens": 32, "seed": 0,
-                                 "messages": [{"role": "user", "content": question}]}, timeout=120)
-            r.raise_for_status()
-            text = r.json()["choices"][0]["message"]["content"] or ""
+            text = answer(question, 32)
             ok = value.lower() in text.lower()
             hits += ok
             answers.append({"question": question, "answer": text[:160], "expected": value, "ok": ok})
         chat = []
         for question, kind, expected in QUESTIONS if chat_score else ():
-            r = httpx.post(f"{server.base}/v1/chat/completions", headers={"X-Milton-Memory": "off"},
-                           json={"model": model, "temperature": 0, "max_tokens": 48, "seed": 0,
-                                 "messages": [{"role": "user", "content": question}]}, timeout=120)
-            r.raise_for_status()
-            text = r.json()["choices"][0]["message"]["content"] or ""
+            text = answer(question, 48)
             chat.append({"question": question, "answer": text[:160],
                          "correct": is_correct(kind, expected, text)})
     # serve logged these questions in a session that is still open, and an open session holds

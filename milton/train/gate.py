@@ -38,20 +38,25 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def regression_reference(serving: dict[str, Any], base: dict[str, Any] | None = None, *,
+                         serving_name: str = "current") -> tuple[Any, str]:
+    """(regression perplexity a candidate is held against, whose): the better of the serving
+    model's and the bare ``base``'s. Were it only the serving adapter's, each night could drift
+    ``train.regression_margin`` further from what the base knew (5% a night is 4x in a month)."""
+    s_reg, b_reg = serving.get("regression_ppl"), (base or {}).get("regression_ppl")
+    if _finite(b_reg) and _finite(s_reg) and b_reg < s_reg:
+        return b_reg, "base"
+    return s_reg, serving_name
+
+
 def decide(candidate: dict[str, Any], serving: dict[str, Any], cfg: TrainConfig,
            *, serving_name: str = "current", base: dict[str, Any] | None = None) -> Decision:
     """Compare ``candidate`` with ``serving`` metrics (``eval_ppl``, ``regression_ppl`` and,
-    when facts were probed, ``recall_new`` / ``recall_retention``).
-
-    Regression is held against the better of the serving model and the bare ``base``: were it
-    only against the serving adapter, each night could drift ``train.regression_margin``
-    further from what the base knew (5% a night is 4x in a month)."""
+    when facts were probed, ``recall_new`` / ``recall_retention``); regression against
+    :func:`regression_reference`."""
     c_eval, s_eval = candidate.get("eval_ppl"), serving.get("eval_ppl")
-    c_reg, s_reg = candidate.get("regression_ppl"), serving.get("regression_ppl")
-    b_reg = (base or {}).get("regression_ppl")
-    reg_name = serving_name
-    if _finite(b_reg) and _finite(s_reg) and b_reg < s_reg:
-        s_reg, reg_name = b_reg, "base"
+    c_reg = candidate.get("regression_ppl")
+    s_reg, reg_name = regression_reference(serving, base, serving_name=serving_name)
     c_new, s_new = candidate.get("recall_new"), serving.get("recall_new")
     c_ret, s_ret = candidate.get("recall_retention"), serving.get("recall_retention")
     by_recall = _finite(c_new) and _finite(s_new)

@@ -291,7 +291,7 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught,
     from milton.models.hf import load_base
     from milton.train.dataset import anchor_items
     from milton.train.evaluate import evaluate, perplexity
-    from milton.train.gate import decide
+    from milton.train.gate import decide, regression_reference
     from milton.train.lora import load_adapter, train_lora
     from milton.train.recall import recall
     from milton.train.safety import SafetyGate
@@ -325,14 +325,15 @@ def _train_and_evaluate(ctx: JobContext, ref: Any, dataset: Any, taught: Taught,
         safety.baseline(model)
     new_keys = {f.key for f in taught.new}
     watched = taught.new + [f for f in taught.trained if f.key not in new_keys]
-    bound = min((m["regression_ppl"] for m in (base, serving) if m.get("regression_ppl")),
-                default=None)  # the gate's reference (train.gate.decide)
+    bound, _ = regression_reference(serving, base)  # what the gate will hold it against
     early = EarlyStop(cfg, len(dataset.train), watched,
                       lambda m, facts: recall(m, tokenizer, facts, probes=1, seed=cfg.seed,
                                               chat_format=fmt)["recall"],
                       regression=lambda m: perplexity(m, tokenizer, dataset.regression, cfg,
                                                       chat_format=fmt),
-                      regression_bound=bound * (1 + cfg.regression_margin) if bound else None)
+                      regression_bound=(bound * (1 + cfg.regression_margin)
+                                        if isinstance(bound, (int, float)) and math.isfinite(bound)
+                                        else None))
     result = train_lora(model, tokenizer, dataset.train, cfg, checkpoint_dir=work / "checkpoints",
                         on_step=_history_hook(ctx.db, run_id), max_steps_override=max_steps,
                         chat_format=fmt, stop=early if taught.new else None,

@@ -92,30 +92,37 @@ def pad_id_of(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def batch_nll(model: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, int]:
-    """(summed next-token NLL over labelled tokens, their count) for one padded batch.
+def labelled_logits(model: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, Any] | None:
+    """(logits, targets) at the positions that predict a labelled token, or None if none.
 
-    Logits are computed only at positions that predict a labelled token (``logits_to_keep``
-    with the union of those positions), falling back to full logits for models without it.
+    Logits are computed only at those positions (``logits_to_keep`` with their union over the
+    batch; ``targets`` is IGNORE where a row has no label there), falling back to full logits
+    for models without it. Shared by the NLL and train-lora's anchor KL.
     """
-    import torch
-    import torch.nn.functional as F  # noqa: N812 - torch's own convention
-
     targets = labels[:, 1:]
+    if not bool((targets != IGNORE).any()):
+        return None
     wanted = (targets != IGNORE).any(dim=0).nonzero(as_tuple=True)[0]  # positions t predicting t+1
-    count = int((targets != IGNORE).sum())
-    if count == 0:
-        return torch.zeros((), device=ids.device), 0
     try:
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=wanted,
                        use_cache=False).logits
-        picked = targets[:, wanted]
+        return logits, targets[:, wanted]
     except TypeError:  # a model class without logits_to_keep
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-        picked = targets
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1], targets
+
+
+def batch_nll(model: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, int]:
+    """(summed next-token NLL over labelled tokens, their count) for one padded batch."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812 - torch's own convention
+
+    found = labelled_logits(model, ids, mask, labels)
+    if found is None:
+        return torch.zeros((), device=ids.device), 0
+    logits, picked = found
     nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), picked.reshape(-1),
                           ignore_index=IGNORE, reduction="sum")
-    return nll, count
+    return nll, int((picked != IGNORE).sum())
 
 
 def nll_step(model: Any) -> MicroStep:

@@ -33,6 +33,7 @@ from milton.train.loop import (
     StepHook,
     adamw,
     collate,
+    labelled_logits,
     nll_step,
     pad_id_of,
     peak_rss_mb,
@@ -173,27 +174,25 @@ def anchor_kl(peft_model: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, i
     """(summed KL(base || adapted) over the labelled positions, their count) for one batch.
 
     The reference is the same model with its adapter switched off, so no second copy of the
-    weights is held; only the labelled positions' logits are computed.
+    weights is held; only the labelled positions' logits are computed (:func:`labelled_logits`).
     """
     import torch
     import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
-    targets = labels[:, 1:]
-    wanted = (targets != IGNORE).any(dim=0).nonzero(as_tuple=True)[0]
-    keep = (targets[:, wanted] != IGNORE)
-    count = int(keep.sum())
-    if count == 0:
-        return torch.zeros((), device=ids.device), 0
-
-    def logits_of() -> Any:
-        out = peft_model(input_ids=ids, attention_mask=mask, logits_to_keep=wanted, use_cache=False)
-        return out.logits[keep].float()
+    def log_probs() -> Any:
+        found = labelled_logits(peft_model, ids, mask, labels)
+        if found is None:
+            return None
+        logits, targets = found
+        return F.log_softmax(logits[targets != IGNORE].float(), dim=-1)
 
     with torch.no_grad(), adapter_disabled(peft_model):
-        reference = F.log_softmax(logits_of(), dim=-1)
-    adapted = F.log_softmax(logits_of(), dim=-1)
+        reference = log_probs()
+    if reference is None:
+        return torch.zeros((), device=ids.device), 0
+    adapted = log_probs()
     kl = F.kl_div(adapted, reference, log_target=True, reduction="sum")
-    return kl, count
+    return kl, int(reference.shape[0])
 
 
 def anchor_regularizer(peft_model: Any, anchors: list[Example], pad_id: int, weight: float,
