@@ -5,4 +5,4 @@ and parameters; ``__main__`` runs them, prints a table and writes ``benchmarks/r
 """
 
 NAMES = ("ingest", "train", "score", "reload", "memory", "backup", "train_lora", "swap", "serve", "agent",
-         "evolve", "ui", "chunking", "secrets", "chat", "learning")
+         "evolve", "ui", "chunking", "secrets", "chat", "learning", "evolve_month")

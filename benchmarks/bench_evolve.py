@@ -58,11 +58,12 @@ PLANS: dict[str, dict[str, Any]] = {
     "full": {"paragraphs": 40, "hf_paragraphs": 12, "recovery_steps": 10, "bench_tokens": 64,
              "other_recovery_lrs": (1e-4,),
              "iterative": {"recovery_steps": 10}, "speed_rounds": 3,
-             "job": {}},
+             # distillation and pruning are what this benchmark measures: on a CPU too
+             "job": {"train_stages": "always"}},
     # quick: a smoke test; the job skips pruning (the dense child runs iterative_prune).
     "quick": {"paragraphs": 6, "hf_paragraphs": 4, "recovery_steps": 1, "bench_tokens": 16,
               "iterative": {"recovery_steps": 1, "prune_max": 0.1}, "speed_rounds": 1,
-              "job": {"distil_steps": 3, "teacher_prompts": 2, "teacher_max_new_tokens": 16,
+              "job": {"train_stages": "always", "distil_steps": 3, "teacher_prompts": 2, "teacher_max_new_tokens": 16,
                       "prune_method": "none", "quantizations": ["q4_k_m+q4_0"]}},
 }
 

@@ -60,3 +60,23 @@ def test_nothing_qualifying_is_a_rejection_naming_every_candidate():
     assert not any(v["won"] for v in verdicts)
     decision, winner, verdicts = choose([], SERVING, EvolveConfig())
     assert not decision.promote and winner is None and verdicts == []
+
+
+def test_a_candidate_that_forgets_taught_facts_loses_whatever_its_perplexity():
+    """Perplexity on general text does not see a lost fact: a faster, smaller file that answers
+    fewer of the taught-fact probes than serve (beyond recall_margin) does not qualify, and the
+    next best one that keeps them wins."""
+    cfg = EvolveConfig(quality_threshold=0.9, recall_margin=0.05)
+    serving = {**SERVING, "recall": 1.0}
+    stages = {"trim": {"types": {"q4_k_m+q4_0": {**_fig(20.0, 110, 40), "recall": 0.81},
+                                 "q4_k_m": {**_fig(20.1, 145, 39), "recall": 0.97}}}}
+    decision, winner, verdicts = choose(stage_candidates(stages), serving, cfg)
+    assert decision.promote and winner is not None and winner["format"] == "q4_k_m", decision.reason
+    lost = next(v for v in verdicts if v["candidate"] == "trim q4_k_m+q4_0")
+    assert not lost["qualifies"] and "taught-fact probes" in lost["why"] and "81%" in lost["why"]
+    # Nothing measured for a candidate when serve's recall is known: not promoted blind.
+    decision, winner, _ = choose([{"stage": "trim", "format": "q8_0", **_fig(20.0, 110, 40)}], serving, cfg)
+    assert not decision.promote and "could not be measured" in decision.reason
+    # No facts taught (no serving recall): the figures alone decide, as before.
+    decision, winner, _ = choose(stage_candidates(stages), SERVING, cfg)
+    assert decision.promote and winner is not None and winner["format"] == "q4_k_m+q4_0"

@@ -40,7 +40,7 @@ def _config(home: Path, gguf: Path, **evolve) -> None:
     values = {"distil_steps": 30, "distil_lr": 3e-3, "teacher_prompts": 4, "teacher_max_new_tokens": 12,
               "prune_step": 0.2, "prune_max": 0.4, "recovery_steps": 4, "calibration_items": 8,
               "eval_items": 16, "min_train_items": 4, "bench_tokens": 8, "quality_threshold": 0.05,
-              "quantizations": ["q8_0", "q4_k_m"],
+              "quantizations": ["q8_0", "q4_k_m"], "vocab_top": 60, "train_stages": "always",
               "keep_stages": True, **evolve}
     train = {"learning_rate": 0.01, "max_steps": 40, "batch_size": 4, "grad_accum": 1, "epochs": 20,
              "checkpoint_every": 5, "rouge_samples": 0, "seed": 0, "lora_dropout": 0.0,
@@ -102,7 +102,7 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
 
     work = run_dir(settings, result["run_id"])
     stages = {name: json.loads((work / name / "stage.json").read_text())
-              for name in ("merge", "distil", "prune")}
+              for name in ("merge", "trim", "distil", "prune")}
     # Each model stage is a loadable HF model directory, and all its GGUFs were measured.
     for name, layers in (("merge", 3), ("distil", 2), ("prune", 2)):
         model = AutoModelForCausalLM.from_pretrained(work / name)
@@ -115,6 +115,16 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
     # Distillation brought the student closer to the teacher on held-out items.
     assert stages["distil"]["kl_after"] < stages["distil"]["kl_before"], stages["distil"]
     assert 0 < stages["prune"]["sparsity"] <= 0.4 + 1e-6
+    # The trim stage cut the merged model's quantized files to the kept vocabulary: smaller,
+    # same weights otherwise, measured on the same text.
+    trim = stages["trim"]
+    assert not trim.get("excluded"), trim
+    assert set(trim["types"]) == {"q8_0", "q4_k_m"} and trim["kept"] < trim["vocab"], trim
+    for kind in ("q8_0", "q4_k_m"):
+        assert (work / "trim" / f"model-{kind}.gguf").stat().st_size < \
+            (work / "merge" / f"model-{kind}.gguf").stat().st_size
+        assert trim["types"][kind]["eval_ppl"] > 0
+    assert (work / "trim" / "vocab.gguf").is_file() and (work / "trim" / "config.json").is_file()
     # f16, q8_0 and q4_k_m all load in llama.cpp and generate; quantized files are smaller.
     files = {k: work / "prune" / v for k, v in stages["prune"]["files"].items()}
     for path in files.values():
@@ -122,13 +132,13 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
     sizes = {k: p.stat().st_size for k, p in files.items()}
     assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
 
-    # The gate saw all nine and promoted the one its rule picks: the fastest qualifying, ties
+    # The gate saw all eleven and promoted the one its rule picks: the fastest qualifying, ties
     # (within 5%) to the smaller.
     code, out, err = cli("evolve", "report", str(result["run_id"]), "--json")
     assert code == 0, err
     report = json.loads(out)
     rows = [r for r in report["rows"] if r["stage"] != "serving"]
-    assert len(rows) == 9 and all(r.get("verdict") for r in rows), rows
+    assert len(rows) == 11 and all(r.get("verdict") for r in rows), rows
     won = [r for r in rows if r.get("won")]
     assert len(won) == 1 and report["winner"] == f"{won[0]['stage']} {won[0]['format']}"
     assert result["winner"] == report["winner"]
@@ -159,7 +169,8 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
     again = _evolve(cli, env={"MILTON_EVOLVE__DISTIL_LR": "50", "MILTON_EVOLVE__QUALITY_THRESHOLD": "0.9",
                               "MILTON_EVOLVE__PROMOTE_TYPE": won[0]["format"],
                               "MILTON_EVOLVE__QUANTIZATIONS": json.dumps([won[0]["format"]]),
-                              "MILTON_EVOLVE__PRUNE_METHOD": "none", "MILTON_EVOLVE__KEEP_STAGES": "false"})
+                              "MILTON_EVOLVE__PRUNE_METHOD": "none", "MILTON_EVOLVE__KEEP_STAGES": "false",
+                              "MILTON_EVOLVE__VOCAB_TOP": "0"})
     assert again["status_detail"] == "rejected", again
     assert "perplexity" in again["reason"], again["reason"]
     assert base_store(settings).current_name() == current.name
@@ -218,3 +229,48 @@ def test_too_little_data_is_skipped(cli, milton_home, tiny, settings):
     conn = sqlite3.connect(settings.db_path)
     assert conn.execute("select count(*) from evolve_runs").fetchone() == (0,)
     conn.close()
+
+
+def test_training_stages_run_on_a_cpu_only_when_asked(settings):
+    """auto: distillation and pruning cost hours on a CPU and never reached the threshold on
+    the embedded model, so a CPU-only machine skips them (with the reason in the report)."""
+    from milton.evolve.jobs import training_stages_skipped
+
+    cpu = settings.model_copy(update={"model": settings.model.model_copy(update={"device": "cpu"})})
+    assert "no CUDA device" in (training_stages_skipped(cpu) or "")
+    always = cpu.model_copy(update={"evolve": cpu.evolve.model_copy(update={"train_stages": "always"})})
+    assert training_stages_skipped(always) is None
+    never = cpu.model_copy(update={"evolve": cpu.evolve.model_copy(update={"train_stages": "never"})})
+    assert training_stages_skipped(never) == "evolve.train_stages is never"
+
+
+def test_a_trimmed_base_is_next_months_source(cli, milton_home, tiny, settings, tmp_path):
+    """A promoted base with a trimmed vocabulary: next month's merge is exported with its full
+    tokenizer (vocab.gguf beside it), passes the tokenizer and llama.cpp checks, and the serving
+    trimmed file is measured on the same text as the candidates."""
+    import shutil
+
+    from milton.evolve.export import quantize
+    from milton.evolve.runs import base_store, run_dir
+    from milton.evolve.vocab import keep_ids, kept_ids, read_vocab, trim_gguf, write_vocab_only
+
+    hf, gguf = tiny
+    _config(milton_home, gguf, quantizations=["q8_0"], vocab_top=0, train_stages="never")
+    _ingest(cli, milton_home)
+    q4 = quantize(gguf, tmp_path / "q4.gguf", "q4_k_m", threads=1)
+
+    def build(tmp: Path) -> None:
+        trim_gguf(q4, tmp / "model.gguf", keep_ids(read_vocab(gguf), top=60))
+        write_vocab_only(gguf, tmp / "vocab.gguf")
+        shutil.copytree(hf, tmp / "hf")
+
+    version = base_store(settings).publish(build, metrics={}, extra={"stage": "trim"})
+    assert kept_ids(version.path / "model.gguf") is not None
+    result = _evolve(cli)
+    assert result["status"] == "ok", result
+    merge = json.loads((run_dir(settings, result["run_id"]) / "merge" / "stage.json").read_text())
+    assert not merge["excluded"] and merge["export_drift"] <= 0.005, merge
+    assert len(read_vocab(run_dir(settings, result["run_id"]) / "merge" / "model-f16.gguf").tokens) \
+        == len(read_vocab(gguf).tokens)
+    serving = result["serving_eval_ppl"], result["serving_regression_ppl"]
+    assert all(isinstance(v, float) and v > 0 for v in serving), result

@@ -10,8 +10,8 @@ import typer
 from milton.cli.common import State, open_cli_store, out, print_json, run_as_job
 
 evolve_app = typer.Typer(
-    help="Merge, distil, prune and quantize the serving model into a smaller, faster GGUF; promote "
-    "it only if it keeps the quality (monthly job).",
+    help="Merge, trim the vocabulary, distil, prune and quantize the serving model into a smaller, "
+    "faster GGUF; promote it only if it keeps the quality (monthly job).",
     invoke_without_command=True, no_args_is_help=False,
 )
 

@@ -1,4 +1,4 @@
-"""evolve: the monthly merge, distil, prune and quantize pipeline towards a smaller, faster base.
+"""evolve: the monthly merge, trim, distil, prune and quantize pipeline towards a smaller, faster base.
 
 * :mod:`~milton.evolve.jobs`: the ``evolve`` job; :mod:`~milton.evolve.runs`: its run
   directory, stages and report files;

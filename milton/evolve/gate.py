@@ -40,6 +40,14 @@ def decide(candidate: dict[str, Any], serving: dict[str, Any], cfg: EvolveConfig
         elif q < threshold:
             reasons.append(f"{label} perplexity {candidate[key]:.3g} vs serving {serving[key]:.3g} "
                            f"keeps {q:.0%} of the quality (threshold {threshold:.0%})")
+    if serving.get("recall") is not None:  # facts the user taught, asked as serve asks them
+        recall = candidate.get("recall")
+        checks.update(recall=recall, serving_recall=serving["recall"])
+        if recall is None:
+            reasons.append("recall of taught facts could not be measured")
+        elif recall < serving["recall"] - cfg.recall_margin:
+            reasons.append(f"answers {recall:.0%} of the taught-fact probes vs serving "
+                           f"{serving['recall']:.0%} (margin {cfg.recall_margin:.0%})")
     size_ratio = candidate["size_mb"] / serving["size_mb"] if serving.get("size_mb") else None
     speed_ratio = (candidate["tokens_per_s"] / serving["tokens_per_s"]
                    if serving.get("tokens_per_s") else None)
@@ -110,7 +118,8 @@ def choose(candidates: list[dict[str, Any]], serving: dict[str, Any],
 
 
 RULE = (f"a candidate qualifies when it keeps quality_threshold of the serving model's held-out and "
-        f"regression quality (serving ppl / candidate ppl) and is at least {1 / SIZE_MARGIN - 1:.0%} "
+        f"regression quality (serving ppl / candidate ppl), answers the probes of the facts the user "
+        f"taught within recall_margin of the serving model, and is at least {1 / SIZE_MARGIN - 1:.0%} "
         f"smaller or {SPEED_MARGIN - 1:.0%} faster (decode tokens/s) than the serving model; "
         f"the fastest qualifying candidate wins, those within {TIE_SPEED - 1:.0%} of the fastest "
         f"count as equally fast and the smallest of them wins")

@@ -1,13 +1,13 @@
-"""The monthly evolve job: merge + quantize, then distil, then prune; the gate picks the best.
+"""The monthly evolve job: merge + quantize, trim, then distil, then prune; the gate picks the best.
 
 One ``evolve_runs`` row per attempt; its work lives in ``data/evolve/run-<id>/``. Every model
 stage (``merge``, ``distil``, ``prune``) writes a Hugging Face model directory and its GGUFs
 (f16 and each of ``evolve.quantizations``), every one measured in llama.cpp, into a temporary
 directory renamed into ``<stage>/`` with a ``stage.json`` once complete, so a run killed at any
 moment is resumed by the next job run: finished stages are kept, distillation and pruning
-continue from their last checkpoint. The quick wins come first (the merged model quantized:
-minutes), the expensive stages after, within ``evolve.max_minutes``; so a run cut short still
-has candidates. The gate (:func:`milton.evolve.gate.choose`) sees every stage in every type
+continue from their last checkpoint. The quick wins come first (the merged model quantized,
+then its vocabulary trimmed: minutes), the expensive stages after (with a CUDA device only, by
+default), within ``evolve.max_minutes``; so a run cut short still has candidates. The gate (:func:`milton.evolve.gate.choose`) sees every stage in every type
 and promotes the best one that keeps the quality and is smaller or faster than what serve runs
 (base + adapter); it is published as an artifact of kind ``base`` and becomes serve's base
 (and train-lora's) only then.
@@ -39,7 +39,7 @@ from milton.evolve.runs import (
     run_dir,
     run_stage,
 )
-from milton.models.layout import ADAPTER_GGUF, BASE_GGUF, BASE_HF
+from milton.models.layout import ADAPTER_GGUF, BASE_GGUF, BASE_HF, BASE_VOCAB
 from milton.models.refs import BaseModelRef
 
 TEACHER_FILE = "teacher.jsonl"
@@ -49,6 +49,8 @@ EXPORT_TOLERANCE = 0.005
 #: Shares of evolve.max_minutes after which distillation, then pruning, stop; the rest is for
 #: measuring their GGUFs and the gate.
 DISTIL_SHARE, PRUNE_SHARE = 0.5, 0.8
+#: Newest memories and messages whose tokens a vocabulary trim keeps (bounds the time it takes).
+USER_TEXT_ROWS = 20000
 
 
 def _hf(path: Path, like: BaseModelRef | None = None) -> BaseModelRef:
@@ -68,8 +70,14 @@ class _Pipeline:
         self.dataset = full_dataset(ctx.db, self.settings, max_eval=self.cfg.eval_items)
         self.threads = self.settings.serve.n_threads or _cpus()
         self._examples: tuple[list[Any], list[Any]] | None = None
-        # A GGUF source keeps its exact tokenizer in every exported GGUF (see rewrite_gguf).
-        self.vocab_from = source.base.path if source.base.kind == "gguf" else None
+        # A GGUF source keeps its exact tokenizer in every exported GGUF (see rewrite_gguf); a
+        # base with a trimmed vocabulary has its full one beside it.
+        self.vocab_from: Path | None = None
+        if source.base.kind == "gguf":
+            beside = source.base.path.parent / BASE_VOCAB
+            self.vocab_from = beside if source.base.evolved and beside.is_file() else source.base.path
+        self._full_vocab: Any = None
+        self._probes: list[tuple[list[int], Any]] | None = None
 
     # -- shared --------------------------------------------------------------------------------
     def load(self, directory: Path) -> tuple[Any, Any]:
@@ -92,10 +100,56 @@ class _Pipeline:
 
     def measure(self, gguf: Path, tokenizer: Any, lora: Path | None = None) -> dict[str, Any]:
         from milton.evolve.measure import measure_gguf
+        from milton.evolve.vocab import kept_ids
 
         eval_ex, reg_ex = self.examples(tokenizer)
-        return measure_gguf(gguf, eval_ex, reg_ex, threads=self.threads,
-                            bench_tokens=self.cfg.bench_tokens, lora=lora)
+        full = self.full_vocab() if kept_ids(gguf) is not None else None
+        figures = measure_gguf(gguf, eval_ex, reg_ex, threads=self.threads,
+                               bench_tokens=self.cfg.bench_tokens, lora=lora, full_vocab=full)
+        return {**figures, **self.recall(gguf, tokenizer, lora, full)}
+
+    def probes(self, tokenizer: Any) -> list[tuple[list[int], Any]]:
+        """(prompt ids as serve frames it, fact) for held-out wordings of the facts the promoted
+        adapters taught (train-lora's retention probes), built once."""
+        from milton.train.evaluate import served_prompt_ids
+        from milton.train.facts import probe_questions
+        from milton.train.taught import retention_facts
+
+        if self._probes is None:
+            tcfg = self.settings.train
+            facts = retention_facts(self.ctx.db, 0, tcfg.retention_items)
+            self._probes = [
+                (served_prompt_ids({"kind": "pair", "prompt": q, "response": ""}, tokenizer,
+                                   self.settings.model.chat_format), fact)
+                for fact in facts for q in probe_questions(fact, tcfg.recall_probes, tcfg.seed)]
+        return self._probes
+
+    def recall(self, gguf: Path, tokenizer: Any, lora: Path | None, full: Any) -> dict[str, Any]:
+        """Share of :meth:`probes` ``gguf`` answers with the fact's value: what the user taught,
+        which perplexity on general text does not see (none taught: no figure)."""
+        from milton.evolve.measure import gguf_answers
+        from milton.train.evaluate import PLAIN_STOPS
+        from milton.train.facts import recalled
+        from milton.train.recall import MAX_NEW_TOKENS
+
+        probes = self.probes(tokenizer)
+        if not probes:
+            return {}
+        answers = gguf_answers(gguf, [ids for ids, _ in probes], threads=self.threads, lora=lora,
+                               full_vocab=full, max_new_tokens=MAX_NEW_TOKENS, stops=PLAIN_STOPS)
+        hits = [recalled(answer, fact) for answer, (_, fact) in zip(answers, probes, strict=True)]
+        misses = [{"answer": a[:120], "expected": f.value}
+                  for a, (_, f), ok in zip(answers, probes, hits, strict=True) if not ok]
+        return {"recall": sum(hits) / len(hits), "recall_probes": len(hits), "recall_misses": misses[:3]}
+
+    def full_vocab(self) -> Any:
+        """The untrimmed tokenizer table every stage's ids are in (read once)."""
+        from milton.evolve.export import UNQUANTIZED, gguf_name
+        from milton.evolve.vocab import read_vocab
+
+        if self._full_vocab is None:
+            self._full_vocab = read_vocab(self.vocab_from or self.work / "merge" / gguf_name(UNQUANTIZED))
+        return self._full_vocab
 
     def candidates(self, directory: Path, tokenizer: Any, model: Any) -> dict[str, Any]:
         """The stage in ``directory`` exported (f16 and every quantization) and measured.
@@ -113,8 +167,8 @@ class _Pipeline:
         measured = {UNQUANTIZED: self.measure(files[UNQUANTIZED], tokenizer)}
         excluded = None
         texts = [str(getattr(i, "response", "")) for i in self.dataset.eval[:16]]
-        if self.source.base.kind == "gguf":
-            differs = same_tokenizer(self.source.base.path, files[UNQUANTIZED], texts)
+        if self.vocab_from is not None:
+            differs = same_tokenizer(self.vocab_from, files[UNQUANTIZED], texts)
             if differs is not None:
                 excluded = (f"the exported GGUF tokenises text differently from the base "
                             f"{self.source.base.name} (e.g. {differs[:40]!r})")
@@ -166,6 +220,63 @@ class _Pipeline:
         del model
         return {"stage": "merge", "model_dir": "merge", "adapter_version": self.source.adapter_version,
                 "layers": _layers(out), **info}
+
+    def trim(self, merged: Path, out: Path) -> dict[str, Any]:
+        """The merged model's GGUFs with the vocabulary cut to what the user needs
+        (:mod:`milton.evolve.vocab`), each measured; the HF directory is the merged one (the
+        weights train-lora and next month's merge start from keep the full vocabulary)."""
+        from milton.evolve.export import UNQUANTIZED, gguf_name
+        from milton.evolve.measure import same_tokenizer
+        from milton.evolve.vocab import keep_ids, trim_gguf, unsupported, write_vocab_only
+        from milton.train.dataset import anchor_items
+        from milton.train.formatting import format_items
+
+        full = self.full_vocab()
+        info: dict[str, Any] = {"stage": "trim", "model_dir": "trim", "trimmed_from": merged.name,
+                                "layers": _layers(merged), "vocab": len(full.tokens)}
+        why = unsupported(full)
+        if why is not None:
+            return {**info, "excluded": f"the vocabulary is not trimmed: {why}"}
+        tokenizer = _tokenizer(merged)
+        fmt, max_len = self.settings.model.chat_format, self.settings.train.max_seq_len
+        own = format_items([*self.dataset.train, *anchor_items(), *self.user_texts()], tokenizer, fmt, max_len)
+        kept = keep_ids(full, self.cfg.vocab_top, (ex.input_ids for ex in own))
+        info.update(kept=len(kept), vocab_top=self.cfg.vocab_top)
+        for entry in merged.iterdir():
+            if entry.is_file() and entry.suffix != ".gguf" and entry.name != STAGE_FILE:
+                _link_or_copy(entry, out / entry.name)
+        write_vocab_only(merged / gguf_name(UNQUANTIZED), out / BASE_VOCAB)
+        kinds = [k for k in self.types if (merged / gguf_name(k)).is_file()]
+        for kind in kinds:
+            self.ctx.log(f"trimming {kind}", evolve_run=self.run_id, kept=len(kept))
+            trim_gguf(merged / gguf_name(kind), out / gguf_name(kind), kept)
+        if not kinds:
+            return {**info, "excluded": "the merge stage made no quantized GGUF to trim"}
+        # Text made of kept tokens must be split exactly as the full vocabulary splits it.
+        texts = [str(getattr(i, "response", "")) for i in self.dataset.train[:32]]
+        differs = same_tokenizer(merged / gguf_name(kinds[0]), out / gguf_name(kinds[0]), texts, kept=kept)
+        if differs is not None:
+            return {**info, "excluded": f"the trimmed vocabulary splits text the user wrote differently "
+                                        f"(e.g. {differs[:40]!r})"}
+        measured = {}
+        for kind in kinds:
+            self.ctx.log(f"measuring trim {kind}", evolve_run=self.run_id)
+            measured[kind] = self.measure(out / gguf_name(kind), tokenizer)
+        return {**info, "format": kinds[0], **measured[kinds[0]], "types": measured,
+                "files": {k: gguf_name(k) for k in measured}}
+
+    def user_texts(self) -> list[dict[str, Any]]:
+        """What the user wrote and was told, as text items: the facts in force in every trained
+        phrasing, memories and the newest messages (a trim keeps all their tokens)."""
+        from milton.train.taught import fact_items, facts_in_force
+
+        db, limit = self.ctx.db, USER_TEXT_ROWS
+        items: list[dict[str, Any]] = fact_items([f for f, _ in facts_in_force(db)], self.settings)
+        for sql in ("select content from memories order by id desc limit ?",
+                    "select content from messages order by id desc limit ?"):
+            items += [{"kind": "text", "prompt": None, "response": row[0]}
+                      for row in db.execute(sql, [limit]).fetchall() if row[0]]
+        return items
 
     def teacher_items(self, teacher: Any, tokenizer: Any) -> list[dict[str, Any]]:
         """Teacher answers to prompts drawn from memory topics, generated once per run."""
@@ -317,7 +428,20 @@ def evolve_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, An
     stages["merge"] = run_stage(work, "merge", pipe.merge)
     pipe.log("measuring the serving model", stage="serving")
     serving = _serving(pipe, _tokenizer(work / "merge"), stages["merge"])
+    if cfg.vocab_top <= 0:
+        stages["trim"] = {"stage": "trim", "skipped": "evolve.vocab_top is 0"}
+    elif stages["merge"].get("excluded"):
+        stages["trim"] = {"stage": "trim", "skipped": "the merge stage was excluded"}
+    else:
+        pipe.log("trimming the vocabulary", stage="trim")
+        stages["trim"] = run_stage(work, "trim", lambda out: pipe.trim(work / "merge", out))
     model_dir = work / "merge"
+    no_training = training_stages_skipped(settings)
+    if no_training:
+        for name in ("distil", "prune"):
+            stages[name] = {"stage": name, "skipped": no_training}
+        pipe.log("choosing", stage="gate")
+        return _gate_and_publish(ctx, pipe, stages, serving)
     if cfg.distil_steps <= 0:
         stages["distil"] = {"stage": "distil", "skipped": "evolve.distil_steps is 0"}
     elif pipe.out_of_time(DISTIL_SHARE) and not (work / "distil" / STAGE_FILE).is_file():
@@ -338,6 +462,22 @@ def evolve_run(ctx: JobContext, *, max_steps: int | None = None) -> dict[str, An
         stages["prune"] = run_stage(work, "prune", lambda out: pipe.prune(previous, out))
     pipe.log("choosing", stage="gate")
     return _gate_and_publish(ctx, pipe, stages, serving)
+
+
+def training_stages_skipped(settings: Settings) -> str | None:
+    """Why distillation and pruning do not run this time (``evolve.train_stages``), or None."""
+    mode = settings.evolve.train_stages
+    if mode == "never":
+        return "evolve.train_stages is never"
+    if mode == "always":
+        return None
+    from milton.models.hf import select_device
+
+    device, _ = select_device(settings.model.device, settings.model.threads)
+    if device.type == "cuda":
+        return None
+    return ("evolve.train_stages is auto and there is no CUDA device: on a CPU they take hours "
+            "and do not reach the quality threshold (see the setting)")
 
 
 def _require_data(db: sqlite_utils.Database, settings: Settings) -> None:
@@ -410,6 +550,8 @@ def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[s
         def build(tmp: Path) -> None:
             _link_or_copy(stage_dir / gguf_name(kind), tmp / BASE_GGUF)
             _copy_half(stage_dir, tmp / BASE_HF)
+            if (stage_dir / BASE_VOCAB).is_file():
+                _link_or_copy(stage_dir / BASE_VOCAB, tmp / BASE_VOCAB)
             shutil.copyfile(work / REPORT_JSON, tmp / REPORT_JSON)
             shutil.copyfile(work / REPORT_PNG, tmp / REPORT_PNG)
 

@@ -12,9 +12,12 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from milton.train.formatting import IGNORE, Example
+
+if TYPE_CHECKING:
+    from milton.evolve.vocab import Vocab
 
 SPEED_PROMPT = ("Write a short note for a colleague about why regular backups of a workstation "
                 "matter and how often they should be checked.")
@@ -47,13 +50,26 @@ def _context_size(examples: Sequence[Example]) -> int:
 
 
 def gguf_perplexity(gguf: Path, examples: Sequence[Example], *, threads: int,
-                    lora: Path | None = None) -> float | None:
-    """exp(mean NLL) of the labelled tokens of ``examples`` under ``gguf`` (+ ``lora``)."""
+                    lora: Path | None = None, full_vocab: Vocab | None = None) -> float | None:
+    """exp(mean NLL) of the labelled tokens of ``examples`` under ``gguf`` (+ ``lora``).
+
+    A GGUF with a trimmed vocabulary is given the same text (:func:`milton.evolve.vocab.translate`,
+    spelling dropped tokens with ``full_vocab``'s pieces) and its total NLL is divided by the
+    original token count, so its figure compares with the full model's.
+    """
     import numpy as np
+
+    from milton.evolve.vocab import kept_ids, translate
 
     examples = [ex for ex in examples if any(label != IGNORE for label in ex.labels[1:])]
     if not examples:
         return None
+    per = sum(1 for ex in examples for label in ex.labels[1:] if label != IGNORE)
+    kept = kept_ids(gguf)
+    if kept is not None:
+        if full_vocab is None:
+            raise ValueError(f"{gguf.name} has a trimmed vocabulary: measuring it needs the full one")
+        examples = translate(examples, full_vocab, kept)
     llm = _open(gguf, n_ctx=_context_size(examples), threads=threads, lora=lora, logits_all=True)
     total, count = 0.0, 0
     try:
@@ -71,7 +87,7 @@ def gguf_perplexity(gguf: Path, examples: Sequence[Example], *, threads: int,
             count += len(positions)
     finally:
         llm.close()
-    mean = total / count
+    mean = total / (per if kept is not None else count)
     return float(np.exp(mean)) if mean < 700 else float("inf")
 
 
@@ -105,14 +121,25 @@ def gguf_speed(gguf: Path, *, tokens: int, threads: int, repeats: int = 3,
             "prompt_tokens_per_s": round(statistics.median(prefill), 1)}
 
 
-def same_tokenizer(reference: Path, candidate: Path, texts: Sequence[str]) -> str | None:
-    """None if both GGUFs tokenise ``texts`` to the same ids, else the first text that differs."""
+def same_tokenizer(reference: Path, candidate: Path, texts: Sequence[str], *,
+                   kept: Sequence[int] | None = None) -> str | None:
+    """None if both GGUFs tokenise ``texts`` to the same ids, else the first text that differs.
+
+    With ``kept`` (``candidate`` has the trimmed vocabulary of those ids of ``reference``'s),
+    the reference's ids are renumbered, and texts that need a dropped token are not compared.
+    """
     a = _open(reference, n_ctx=64, threads=1, vocab_only=True)
     b = _open(candidate, n_ctx=64, threads=1, vocab_only=True)
+    new_id = {old: new for new, old in enumerate(kept)} if kept is not None else None
     try:
         for text in texts:
             data = text.encode()
-            if a.tokenize(data, add_bos=True, special=True) != b.tokenize(data, add_bos=True, special=True):
+            ids = a.tokenize(data, add_bos=True, special=True)
+            if new_id is not None:
+                if any(i not in new_id for i in ids):
+                    continue
+                ids = [new_id[i] for i in ids]
+            if ids != b.tokenize(data, add_bos=True, special=True):
                 return text
         return None
     finally:
@@ -120,13 +147,53 @@ def same_tokenizer(reference: Path, candidate: Path, texts: Sequence[str]) -> st
         b.close()
 
 
+def gguf_answers(gguf: Path, prompts: Sequence[list[int]], *, threads: int, lora: Path | None = None,
+                 full_vocab: Vocab | None = None, max_new_tokens: int = 24,
+                 stops: Sequence[str] = ()) -> list[str]:
+    """Greedy answers of ``gguf`` (+ ``lora``) to ``prompts`` (ids of the full vocabulary, as
+    serve frames a question), each cut at the first of ``stops``."""
+    from milton.evolve.vocab import kept_ids, translate
+
+    if not prompts:
+        return []
+    kept = kept_ids(gguf)
+    if kept is not None:
+        if full_vocab is None:
+            raise ValueError(f"{gguf.name} has a trimmed vocabulary: asking it needs the full one")
+        prompts = [ex.input_ids for ex in translate(
+            [Example(input_ids=list(p), labels=[IGNORE] * len(p), format="text") for p in prompts],
+            full_vocab, kept)]
+    llm = _open(gguf, n_ctx=max(len(p) for p in prompts) + max_new_tokens + 8, threads=threads, lora=lora)
+    answers = []
+    try:
+        for ids in prompts:
+            llm.reset()
+            out: list[int] = []
+            for token in llm.generate(list(ids), temp=0.0, reset=True):
+                if token == llm.token_eos() or len(out) >= max_new_tokens:
+                    break
+                out.append(token)
+                text = llm.detokenize(out).decode("utf-8", errors="replace")
+                if any(stop in text for stop in stops):
+                    break
+            text = llm.detokenize(out).decode("utf-8", errors="replace")
+            for stop in stops:
+                text = text.split(stop, 1)[0]
+            answers.append(text.strip())
+    finally:
+        llm.close()
+    return answers
+
+
 def measure_gguf(gguf: Path, eval_examples: Sequence[Example], regression_examples: Sequence[Example],
-                 *, threads: int, bench_tokens: int, lora: Path | None = None) -> dict[str, Any]:
+                 *, threads: int, bench_tokens: int, lora: Path | None = None,
+                 full_vocab: Vocab | None = None) -> dict[str, Any]:
     """eval_ppl, regression_ppl, size_mb (model + adapter) and tokens/s of one served model."""
     size = gguf.stat().st_size + (lora.stat().st_size if lora is not None else 0)
     return {
-        "eval_ppl": gguf_perplexity(gguf, eval_examples, threads=threads, lora=lora),
-        "regression_ppl": gguf_perplexity(gguf, regression_examples, threads=threads, lora=lora),
+        "eval_ppl": gguf_perplexity(gguf, eval_examples, threads=threads, lora=lora, full_vocab=full_vocab),
+        "regression_ppl": gguf_perplexity(gguf, regression_examples, threads=threads, lora=lora,
+                                          full_vocab=full_vocab),
         "size_mb": round(size / 1e6, 2),
         **gguf_speed(gguf, tokens=bench_tokens, threads=threads, lora=lora),
     }

@@ -16,7 +16,7 @@ from milton.core.config import Settings
 from milton.core.errors import InputError
 from milton.evolve.runs import REPORT_JSON, STAGES, read_stage, run_dir
 
-_FIGURES = ("eval_ppl", "regression_ppl", "size_mb", "tokens_per_s")
+_FIGURES = ("eval_ppl", "regression_ppl", "recall", "size_mb", "tokens_per_s")
 
 
 def _row(stage: str, fmt: str, figures: dict[str, Any], serving: dict[str, Any] | None,
@@ -116,7 +116,7 @@ def render_table(report: dict[str, Any]) -> Any:
 
     table = Table(title=f"evolve run {report['run']}: {report.get('status', '')}")
     for name in ("stage", "model", "layers", "sparsity", "size MB", "tok/s", "speedup",
-                 "eval ppl", "regr. ppl", "quality", "verdict"):
+                 "eval ppl", "regr. ppl", "quality", "recall", "verdict"):
         table.add_column(name, justify="left" if name in ("stage", "model", "verdict") else "right")
     for row in report["rows"]:
         table.add_row(("* " if row.get("won") else "") + row["stage"], escape(str(row["format"])),
@@ -124,7 +124,8 @@ def render_table(report: dict[str, Any]) -> Any:
                       _fmt(row.get("sparsity"), ".0%"), _fmt(row.get("size_mb"), ".1f"),
                       _fmt(row.get("tokens_per_s"), ".1f"), _fmt(row.get("speedup"), ".2f"),
                       _fmt(row.get("eval_ppl"), ".3g"), _fmt(row.get("regression_ppl"), ".3g"),
-                      _fmt(row.get("quality"), ".0%"), escape(str(row.get("verdict") or "")))
+                      _fmt(row.get("quality"), ".0%"), _fmt(row.get("recall"), ".0%"),
+                      escape(str(row.get("verdict") or "")))
     return table
 
 

@@ -24,7 +24,7 @@ from milton.core.fsio import atomic_write_json
 from milton.core.jobs import finish_run, work_dir
 from milton.models.layout import BASE_KIND, artifact_store
 
-STAGES = ("merge", "distil", "prune")
+STAGES = ("merge", "trim", "distil", "prune")
 STAGE_FILE = "stage.json"
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"

@@ -35,6 +35,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 BASE_GGUF = "model.gguf"
 BASE_HF = "hf"
+#: The full tokenizer of a base whose GGUF has a trimmed vocabulary (a GGUF with no tensors).
+BASE_VOCAB = "vocab.gguf"
 
 
 def keep_versions(settings: Settings, kind: str) -> int:

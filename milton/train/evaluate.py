@@ -19,7 +19,8 @@ from milton.models.prompt import few_shot_prompt, serve_format
 from milton.train.formatting import format_items, item_field, prompt_ids, resolve_format
 from milton.train.loop import batch_nll, collate
 
-_PLAIN_STOPS = ("\nUser:", "\nuser:", "\n\nUser")
+#: Where a base model's answer ends: it goes on to write the next user turn itself.
+PLAIN_STOPS = ("\nUser:", "\nuser:", "\n\nUser")
 
 
 @contextlib.contextmanager
@@ -119,7 +120,7 @@ def generate(model: Any, tokenizer: Any, item: Any, max_new_tokens: int = 64, *,
         model.train(was_training)
     text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     if resolved == "plain":  # a base model goes on to write the next turn itself
-        for stop in _PLAIN_STOPS:
+        for stop in PLAIN_STOPS:
             text = text.split(stop, 1)[0]
     return text.strip()
 
