@@ -142,6 +142,10 @@ def test_every_stage_loads_and_the_promoted_gguf_becomes_the_base(cli, milton_ho
     won = [r for r in rows if r.get("won")]
     assert len(won) == 1 and report["winner"] == f"{won[0]['stage']} {won[0]['format']}"
     assert result["winner"] == report["winner"]
+    # The speeds the gate compared were timed again, interleaved with the serving model's; each
+    # stage's own timing is kept beside them.
+    assert result["candidate_tokens_per_s_stage"] > 0 and result["serving_tokens_per_s_stage"] > 0
+    assert result["candidate_tokens_per_s"] == won[0]["tokens_per_s"]
     qualifying = [r for r in rows if not r["verdict"].startswith(("held-out", "regression", "neither"))]
     fastest = max(r["tokens_per_s"] for r in qualifying)
     assert won[0]["tokens_per_s"] * 1.05 >= fastest

@@ -511,7 +511,8 @@ def _serving(pipe: _Pipeline, tokenizer: Any, merged: dict[str, Any]) -> dict[st
         if version is not None and version.name == pipe.source.adapter_version:
             lora = version.path / ADAPTER_GGUF
     name = pipe.source.base.name + (f" + adapter {pipe.source.adapter_version}" if lora else "")
-    return {"stage": "serving", "name": name, **pipe.measure(pipe.source.base.path, tokenizer, lora)}
+    return {"stage": "serving", "name": name, "gguf": str(pipe.source.base.path),
+            "lora": str(lora) if lora else None, **pipe.measure(pipe.source.base.path, tokenizer, lora)}
 
 
 def stage_candidates(stages: dict[str, dict[str, Any]], only: str = "") -> list[dict[str, Any]]:
@@ -536,6 +537,9 @@ def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[s
 
     settings, cfg, work = pipe.settings, pipe.cfg, pipe.work
     candidates = stage_candidates(stages, cfg.promote_type.lower())
+    if candidates:
+        pipe.log("timing every candidate against the serving model", stage="gate")
+        _retime(pipe, stages, candidates, serving)
     decision, winner, verdicts = choose(candidates, serving, cfg)
     report = build_report(pipe.run_id, stages, serving, decision, verdicts=verdicts)
     atomic_write_json(work / REPORT_JSON, report)
@@ -584,6 +588,26 @@ def _gate_and_publish(ctx: JobContext, pipe: _Pipeline, stages: dict[str, dict[s
             "winner": decision.checks.get("winner"),
             **{f"candidate_{k}": v for k, v in (chosen or {}).items()},
             **{f"serving_{k}": v for k, v in serving.items() if k != "stage"}}
+
+
+def _retime(pipe: _Pipeline, stages: dict[str, dict[str, Any]], candidates: list[dict[str, Any]],
+            serving: dict[str, Any]) -> None:
+    """Decode speed of the serving model and every candidate again, interleaved
+    (:func:`milton.evolve.measure.interleaved_speed`): the figures the gate compares. Each
+    stage's own timing stays as ``tokens_per_s_stage``."""
+    from milton.evolve.export import gguf_name
+    from milton.evolve.measure import interleaved_speed
+
+    if not serving.get("gguf"):
+        return  # an HF base: serve's reference is the merged f16, already a candidate's timing
+    files = [(Path(serving["gguf"]), Path(serving["lora"]) if serving.get("lora") else None)]
+    files += [(pipe.work / c["stage"] / gguf_name(c["format"]), None) for c in candidates]
+    speeds = interleaved_speed(files, tokens=pipe.cfg.bench_tokens, threads=pipe.threads)
+    serving.update(tokens_per_s_stage=serving.get("tokens_per_s"), tokens_per_s=speeds[0])
+    for c, speed in zip(candidates, speeds[1:], strict=True):
+        figures = stages[c["stage"]]["types"][c["format"]]
+        figures.update(tokens_per_s_stage=figures.get("tokens_per_s"), tokens_per_s=speed)
+        c.update(tokens_per_s_stage=c.get("tokens_per_s"), tokens_per_s=speed)
 
 
 def _copy_half(source: Path, target: Path) -> None:

@@ -121,6 +121,21 @@ def gguf_speed(gguf: Path, *, tokens: int, threads: int, repeats: int = 3,
             "prompt_tokens_per_s": round(statistics.median(prefill), 1)}
 
 
+def interleaved_speed(files: Sequence[tuple[Path, Path | None]], *, tokens: int, threads: int,
+                      rounds: int = 3) -> list[float]:
+    """Decode tokens/s of each (GGUF, adapter), timed in turn ``rounds`` times, medians.
+
+    Every file sees the same moments of the machine, so their ratios hold where timings taken
+    minutes apart (each stage's own) jitter by 20-30% on two busy cores.
+    """
+    runs: list[list[float]] = [[] for _ in files]
+    for _ in range(rounds):
+        for i, (path, lora) in enumerate(files):
+            runs[i].append(gguf_speed(path, tokens=tokens, threads=threads, repeats=1,
+                                      lora=lora)["tokens_per_s"])
+    return [round(statistics.median(r), 2) for r in runs]
+
+
 def same_tokenizer(reference: Path, candidate: Path, texts: Sequence[str], *,
                    kept: Sequence[int] | None = None) -> str | None:
     """None if both GGUFs tokenise ``texts`` to the same ids, else the first text that differs.
