@@ -90,7 +90,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         recall_before=before["recall"], recall_after=after["recall"],
         chat_before=before.get("chat_correct"), chat_after=after.get("chat_correct"),
         rows=[{k: r.get(k) for k in ("stage", "format", "size_mb", "tokens_per_s", "eval_ppl",
-                                     "regression_ppl", "quality", "regression_quality", "verdict")}
+                                     "regression_ppl", "quality", "regression_quality", "recall",
+                                     "verdict")}
               for r in report.get("rows", [])],
         answers_before=before["answers"], answers_after=after["answers"],
         chat_answers_before=before.get("chat_answers"), chat_answers_after=after.get("chat_answers"))

@@ -239,8 +239,10 @@ class _Pipeline:
             return {**info, "excluded": f"the vocabulary is not trimmed: {why}"}
         tokenizer = _tokenizer(merged)
         fmt, max_len = self.settings.model.chat_format, self.settings.train.max_seq_len
-        own = format_items([*self.dataset.train, *anchor_items(), *self.user_texts()], tokenizer, fmt, max_len)
-        kept = keep_ids(full, self.cfg.vocab_top, (ex.input_ids for ex in own))
+        framed = format_items([*self.dataset.train, *anchor_items()], tokenizer, fmt, max_len)
+        user = self.user_texts()
+        written = tokenizer(user, add_special_tokens=False)["input_ids"] if user else []
+        kept = keep_ids(full, self.cfg.vocab_top, [*(ex.input_ids for ex in framed), *written])
         info.update(kept=len(kept), vocab_top=self.cfg.vocab_top)
         for entry in merged.iterdir():
             if entry.is_file() and entry.suffix != ".gguf" and entry.name != STAGE_FILE:
@@ -253,7 +255,7 @@ class _Pipeline:
         if not kinds:
             return {**info, "excluded": "the merge stage made no quantized GGUF to trim"}
         # Text made of kept tokens must be split exactly as the full vocabulary splits it.
-        texts = [str(getattr(i, "response", "")) for i in self.dataset.train[:32]]
+        texts = user[:64] + [str(getattr(i, "response", "")) for i in self.dataset.train[:32]]
         differs = same_tokenizer(merged / gguf_name(kinds[0]), out / gguf_name(kinds[0]), texts, kept=kept)
         if differs is not None:
             return {**info, "excluded": f"the trimmed vocabulary splits text the user wrote differently "
@@ -265,18 +267,18 @@ class _Pipeline:
         return {**info, "format": kinds[0], **measured[kinds[0]], "types": measured,
                 "files": {k: gguf_name(k) for k in measured}}
 
-    def user_texts(self) -> list[dict[str, Any]]:
-        """What the user wrote and was told, as text items: the facts in force in every trained
-        phrasing, memories and the newest messages (a trim keeps all their tokens)."""
+    def user_texts(self) -> list[str]:
+        """What the user wrote and was told: the facts in force in every trained phrasing,
+        memories and the newest messages (a trim keeps all their tokens)."""
         from milton.train.taught import fact_items, facts_in_force
 
         db, limit = self.ctx.db, USER_TEXT_ROWS
-        items: list[dict[str, Any]] = fact_items([f for f, _ in facts_in_force(db)], self.settings)
+        texts = [str(part) for item in fact_items([f for f, _ in facts_in_force(db)], self.settings)
+                 for part in (item.get("prompt"), item.get("response")) if part]
         for sql in ("select content from memories order by id desc limit ?",
                     "select content from messages order by id desc limit ?"):
-            items += [{"kind": "text", "prompt": None, "response": row[0]}
-                      for row in db.execute(sql, [limit]).fetchall() if row[0]]
-        return items
+            texts += [str(row[0]) for row in db.execute(sql, [limit]).fetchall() if row[0]]
+        return texts
 
     def teacher_items(self, teacher: Any, tokenizer: Any) -> list[dict[str, Any]]:
         """Teacher answers to prompts drawn from memory topics, generated once per run."""
