@@ -230,6 +230,7 @@ def test_too_little_data_is_skipped(cli, milton_home, tiny, settings):
     _config(milton_home, gguf, min_train_items=50, teacher_prompts=0)
     result = _evolve(cli)
     assert result["status"] == "skipped" and "min_train_items" in result["reason"]
+    assert "0 fact items" in result["reason"], result["reason"]
     conn = sqlite3.connect(settings.db_path)
     assert conn.execute("select count(*) from evolve_runs").fetchone() == (0,)
     conn.close()

@@ -633,8 +633,8 @@ class EvolveConfig(_Section):
     )
     min_train_items: int = Field(
         default=8, ge=1,
-        description="Skip (exit 0) with fewer distillation items than this (conversations plus "
-        "teacher answers).",
+        description="Skip (exit 0) with fewer distillation items than this (conversation items, "
+        "the items of the facts the user taught, and memory-topic prompts).",
     )
     quantizations: list[str] = Field(
         default_factory=lambda: ["q8_0", "q4_k_m", "q4_k_m+q5_0", "q4_k_m+q4_0"],

@@ -267,13 +267,18 @@ class _Pipeline:
         return {**info, "format": kinds[0], **measured[kinds[0]], "types": measured,
                 "files": {k: gguf_name(k) for k in measured}}
 
+    def taught_items(self) -> list[dict[str, Any]]:
+        """The facts in force in every trained phrasing (what train-lora's nights learn from):
+        distillation and pruning's recovery train on them too, so a student keeps them."""
+        from milton.train.taught import fact_items, facts_in_force
+
+        return fact_items([f for f, _ in facts_in_force(self.ctx.db)], self.settings)
+
     def user_texts(self) -> list[str]:
         """What the user wrote and was told: the facts in force in every trained phrasing,
         memories and the newest messages (a trim keeps all their tokens)."""
-        from milton.train.taught import fact_items, facts_in_force
-
         db, limit = self.ctx.db, USER_TEXT_ROWS
-        texts = [str(part) for item in fact_items([f for f, _ in facts_in_force(db)], self.settings)
+        texts = [str(part) for item in self.taught_items()
                  for part in (item.get("prompt"), item.get("response")) if part]
         for sql in ("select content from memories order by id desc limit ?",
                     "select content from messages order by id desc limit ?"):
@@ -305,7 +310,7 @@ class _Pipeline:
         teacher_dir = Path(self.cfg.teacher).expanduser() if self.cfg.teacher else self.work / "merge"
         teacher, tokenizer = self.load(teacher_dir)
         teacher_items = self.teacher_items(teacher, tokenizer)
-        items = [*self.dataset.train, *teacher_items]
+        items = [*self.dataset.train, *self.taught_items(), *teacher_items]
         student = load_student(self.cfg, teacher, home=self.settings.paths.home, tokenizer=tokenizer)
         fmt, tcfg = self.settings.model.chat_format, self.settings.train
         kl_before = mean_kl(teacher, student, tokenizer, list(self.dataset.eval), tcfg, chat_format=fmt)
@@ -328,7 +333,7 @@ class _Pipeline:
         from milton.evolve.prune import iterative_prune
 
         model, tokenizer = self.load(previous)
-        train = list(self.dataset.train) or list(self.dataset.eval)
+        train = [*self.dataset.train, *self.taught_items()] or list(self.dataset.eval)
         teacher = self.work / TEACHER_FILE
         if teacher.is_file():
             train += _read_jsonl(teacher)
@@ -483,16 +488,20 @@ def training_stages_skipped(settings: Settings) -> str | None:
 
 
 def _require_data(db: sqlite_utils.Database, settings: Settings) -> None:
-    """Skip (exit 0) before any heavy work when there is too little to distil on."""
+    """Skip (exit 0) before any heavy work when there is too little to distil on: conversation
+    items, the items of the facts the user taught (all a base model's nights train on) and
+    memory-topic prompts."""
     from milton.evolve.distil import topic_prompts
+    from milton.train.taught import fact_items, facts_in_force
 
     cfg = settings.evolve
     conversations = db.execute("select count(*) from training_items where split = 'train'").fetchone()[0]
+    facts = len(fact_items([f for f, _ in facts_in_force(db)], settings))
     prompts = len(topic_prompts(db, cfg.teacher_prompts, seed=settings.train.seed)) if cfg.distil_steps else 0
-    if conversations + prompts < cfg.min_train_items:
-        raise Skip(f"{conversations} conversation items and {prompts} memory-topic prompts: "
-                   f"fewer than evolve.min_train_items ({cfg.min_train_items})",
-                   conversation_items=conversations, topic_prompts=prompts)
+    if conversations + facts + prompts < cfg.min_train_items:
+        raise Skip(f"{conversations} conversation items, {facts} fact items and {prompts} memory-topic "
+                   f"prompts: fewer than evolve.min_train_items ({cfg.min_train_items})",
+                   conversation_items=conversations, fact_items=facts, topic_prompts=prompts)
 
 
 def _serving(pipe: _Pipeline, tokenizer: Any, merged: dict[str, Any]) -> dict[str, Any]:
