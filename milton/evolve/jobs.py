@@ -270,9 +270,9 @@ class _Pipeline:
     def taught_items(self) -> list[dict[str, Any]]:
         """The facts in force in every trained phrasing (what train-lora's nights learn from):
         distillation and pruning's recovery train on them too, so a student keeps them."""
-        from milton.train.taught import fact_items, facts_in_force
+        from milton.train.taught import items_in_force
 
-        return fact_items([f for f, _ in facts_in_force(self.ctx.db)], self.settings)
+        return items_in_force(self.ctx.db, self.settings)
 
     def user_texts(self) -> list[str]:
         """What the user wrote and was told: the facts in force in every trained phrasing,
@@ -492,11 +492,11 @@ def _require_data(db: sqlite_utils.Database, settings: Settings) -> None:
     items, the items of the facts the user taught (all a base model's nights train on) and
     memory-topic prompts."""
     from milton.evolve.distil import topic_prompts
-    from milton.train.taught import fact_items, facts_in_force
+    from milton.train.taught import items_in_force
 
     cfg = settings.evolve
     conversations = db.execute("select count(*) from training_items where split = 'train'").fetchone()[0]
-    facts = len(fact_items([f for f, _ in facts_in_force(db)], settings))
+    facts = len(items_in_force(db, settings))
     prompts = len(topic_prompts(db, cfg.teacher_prompts, seed=settings.train.seed)) if cfg.distil_steps else 0
     if conversations + facts + prompts < cfg.min_train_items:
         raise Skip(f"{conversations} conversation items, {facts} fact items and {prompts} memory-topic "

@@ -44,6 +44,20 @@ def _open(gguf: Path, *, n_ctx: int, threads: int, lora: Path | None = None,
         raise ConversionError(f"{gguf}: llama.cpp cannot load it: {failure_reason(lines) or exc}") from None
 
 
+def _in_vocabulary(gguf: Path, examples: Sequence[Example], full_vocab: Vocab | None,
+                   doing: str) -> tuple[Sequence[Example], bool]:
+    """``examples`` (ids of the full vocabulary) in ``gguf``'s ids, and whether it is trimmed
+    (:func:`milton.evolve.vocab.translate`); a trimmed file needs ``full_vocab``."""
+    from milton.evolve.vocab import kept_ids, translate
+
+    kept = kept_ids(gguf)
+    if kept is None:
+        return examples, False
+    if full_vocab is None:
+        raise ValueError(f"{gguf.name} has a trimmed vocabulary: {doing} it needs the full one")
+    return translate(examples, full_vocab, kept), True
+
+
 def _context_size(examples: Sequence[Example]) -> int:
     longest = max((len(ex.input_ids) for ex in examples), default=16)
     return max(64, -(-longest // 64) * 64)
@@ -59,17 +73,11 @@ def gguf_perplexity(gguf: Path, examples: Sequence[Example], *, threads: int,
     """
     import numpy as np
 
-    from milton.evolve.vocab import kept_ids, translate
-
     examples = [ex for ex in examples if any(label != IGNORE for label in ex.labels[1:])]
     if not examples:
         return None
     per = sum(1 for ex in examples for label in ex.labels[1:] if label != IGNORE)
-    kept = kept_ids(gguf)
-    if kept is not None:
-        if full_vocab is None:
-            raise ValueError(f"{gguf.name} has a trimmed vocabulary: measuring it needs the full one")
-        examples = translate(examples, full_vocab, kept)
+    examples, trimmed = _in_vocabulary(gguf, examples, full_vocab, "measuring")
     llm = _open(gguf, n_ctx=_context_size(examples), threads=threads, lora=lora, logits_all=True)
     total, count = 0.0, 0
     try:
@@ -87,7 +95,7 @@ def gguf_perplexity(gguf: Path, examples: Sequence[Example], *, threads: int,
             count += len(positions)
     finally:
         llm.close()
-    mean = total / (per if kept is not None else count)
+    mean = total / (per if trimmed else count)
     return float(np.exp(mean)) if mean < 700 else float("inf")
 
 
@@ -167,17 +175,12 @@ def gguf_answers(gguf: Path, prompts: Sequence[list[int]], *, threads: int, lora
                  stops: Sequence[str] = ()) -> list[str]:
     """Greedy answers of ``gguf`` (+ ``lora``) to ``prompts`` (ids of the full vocabulary, as
     serve frames a question), each cut at the first of ``stops``."""
-    from milton.evolve.vocab import kept_ids, translate
-
     if not prompts:
         return []
-    kept = kept_ids(gguf)
-    if kept is not None:
-        if full_vocab is None:
-            raise ValueError(f"{gguf.name} has a trimmed vocabulary: asking it needs the full one")
-        prompts = [ex.input_ids for ex in translate(
-            [Example(input_ids=list(p), labels=[IGNORE] * len(p), format="text") for p in prompts],
-            full_vocab, kept)]
+    examples, _ = _in_vocabulary(
+        gguf, [Example(input_ids=list(p), labels=[IGNORE] * len(p), format="text") for p in prompts],
+        full_vocab, "asking")
+    prompts = [ex.input_ids for ex in examples]
     llm = _open(gguf, n_ctx=max(len(p) for p in prompts) + max_new_tokens + 8, threads=threads, lora=lora)
     answers = []
     try:

@@ -122,6 +122,11 @@ def retention_facts(db: sqlite_utils.Database, run_id: int, limit: int) -> list[
     return out
 
 
+def items_in_force(db: sqlite_utils.Database, settings: Settings) -> list[dict[str, str | None]]:
+    """:func:`fact_items` of every fact in force: what the user taught, as it is trained."""
+    return fact_items([fact for fact, _ in facts_in_force(db)], settings)
+
+
 def fact_items(facts: Iterable[Fact], settings: Settings) -> list[dict[str, str | None]]:
     """Every fact in ``train.fact_phrasings`` question forms plus its statement forms."""
     cfg = settings.train
