@@ -120,6 +120,21 @@ def hf_metadata(hf_dir: Path, arch: str) -> dict[str, Any]:
     return out
 
 
+def gguf_fields(reader: Any) -> list[Any]:
+    """A GGUFReader's key/value fields that a GGUFWriter does not write by itself."""
+    return [f for f in reader.fields.values()
+            if f.name != "general.architecture" and not f.name.startswith("GGUF.")]
+
+
+def add_field(writer: Any, field: Any, value: Any) -> None:
+    """``field`` (read from a GGUF) written to ``writer`` with ``value``, in the field's type."""
+    import gguf
+
+    vtype = field.types[0]
+    writer.add_key_value(field.name, value, vtype,
+                         sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+
+
 def rewrite_gguf(target: Path, out: Path, *, vocab_from: Path | None = None,
                  keys: dict[str, Any] | None = None) -> Path:
     """``target`` rewritten to ``out`` with the tokenizer (``tokenizer.*`` keys) of
@@ -145,12 +160,9 @@ def rewrite_gguf(target: Path, out: Path, *, vocab_from: Path | None = None,
     keys = dict(keys or {})
 
     def copy(reader: Any, keep: Callable[[str], bool]) -> None:
-        for field in reader.fields.values():
-            if field.name == "general.architecture" or field.name.startswith("GGUF.") or not keep(field.name):
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        for field in gguf_fields(reader):
+            if keep(field.name):
+                add_field(writer, field, field.contents())
 
     context = src.fields.get(f"{arch}.context_length")
     if context is not None and int(context.contents() or 0) > 0:

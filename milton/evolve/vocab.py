@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from milton.evolve.export import add_field, gguf_fields
 from milton.models.convert import ConversionError, check_gguf
 from milton.train.formatting import IGNORE, Example
 
@@ -160,7 +161,7 @@ def trim_gguf(source: Path, out: Path, kept: Sequence[int]) -> Path:
     tmp.unlink(missing_ok=True)
     writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
     try:
-        for field in _fields(reader):
+        for field in gguf_fields(reader):
             name, value = field.name, field.contents()
             if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
                 value = [value[i] for i in kept]
@@ -170,7 +171,7 @@ def trim_gguf(source: Path, out: Path, kept: Sequence[int]) -> Path:
                 if int(value) not in new_id:
                     continue  # a special id the trimmed vocabulary dropped (e.g. an unused one)
                 value = new_id[int(value)]
-            _add(writer, field, value)
+            add_field(writer, field, value)
         writer.add_array(TRIMMED_KEY, kept)
         tensors = []
         for tensor in reader.tensors:
@@ -195,20 +196,6 @@ def trim_gguf(source: Path, out: Path, kept: Sequence[int]) -> Path:
     return out
 
 
-def _fields(reader: Any) -> list[Any]:
-    """A reader's key/value fields that a writer does not write by itself."""
-    return [f for f in reader.fields.values()
-            if f.name != "general.architecture" and not f.name.startswith("GGUF.")]
-
-
-def _add(writer: Any, field: Any, value: Any) -> None:
-    import gguf
-
-    vtype = field.types[0]
-    writer.add_key_value(field.name, value, vtype,
-                         sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
-
-
 def write_vocab_only(source: Path, out: Path) -> Path:
     """Every key of ``source`` and no tensors: its full tokenizer, kept beside a trimmed base so
     that next month's stages (converted from the full-vocabulary model) keep the same table."""
@@ -219,8 +206,8 @@ def write_vocab_only(source: Path, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
     try:
-        for field in _fields(reader):
-            _add(writer, field, field.contents())
+        for field in gguf_fields(reader):
+            add_field(writer, field, field.contents())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
